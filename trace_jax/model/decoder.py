@@ -1,0 +1,134 @@
+"""The Qwen2 decoder with multimodal RoPE and a KV cache (Flax NNX).
+
+Ported from transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py` (`Qwen2_5_VLTextModel`,
+`Qwen2_5_VLAttention`, `Qwen2_5_VLRotaryEmbedding`); Qwen2-VL's decoder is the same network.
+Grouped-query attention with q/k/v bias, RMSNorm, SwiGLU; layers stacked and run with `lax.scan`.
+It embeds nothing and computes no logits (see `qwen_vl.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trace_jax import sharding
+from trace_jax.model.config import ModelConfig
+from trace_jax.model.layers import Dense, Norm, apply_rope, attention, inv_frequencies, scan_layers
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer for S slots, plus what decoding needs to continue."""
+
+  k_lbskh: jax.Array
+  v_lbskh: jax.Array
+  valid_bs: jax.Array  # True where a slot holds a real (non-padding) token.
+  index: jax.Array  # Scalar int32: the next slot to write.
+  next_position_b: jax.Array  # M-RoPE position of the next token (all three components equal).
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+    t = cfg.text
+    shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+    return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
+               jnp.zeros((batch,), jnp.int32))
+
+
+def mrope_cos_sin(positions_3bt: jax.Array, head_dim: int, theta: float,
+                  mrope_section: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [B, T, H]: frequency band j uses the temporal, height or width position by section."""
+  inv = inv_frequencies(head_dim, theta)  # [H/2]
+  freqs = positions_3bt[..., None].astype(jnp.float32) * inv  # [3, B, T, H/2]
+  which = np.repeat(np.arange(3), mrope_section)  # [H/2]: 0 = t, 1 = h, 2 = w.
+  freqs = jnp.where(which == 0, freqs[0], jnp.where(which == 1, freqs[1], freqs[2]))
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class DecoderBlocks(nnx.Module):
+  """All decoder layers, stacked on a leading "layers" axis."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    t = cfg.text
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, stack=t.num_layers)
+    norm_kw = dict(kind="rms", eps=t.rms_norm_eps, dtype=cfg.compute_dtype,
+                   param_dtype=cfg.weight_dtype, stack=t.num_layers)
+    self.input_norm = Norm(t.width, **norm_kw)
+    self.post_attn_norm = Norm(t.width, **norm_kw)
+    self.q = Dense((t.width,), (t.num_heads, t.head_dim), ("embed",), ("heads", "head_dim"),
+                   use_bias=True, **kw)
+    self.k = Dense((t.width,), (t.num_kv_heads, t.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                   use_bias=True, **kw)
+    self.v = Dense((t.width,), (t.num_kv_heads, t.head_dim), ("embed",), ("kv_heads", "head_dim"),
+                   use_bias=True, **kw)
+    self.o = Dense((t.num_heads, t.head_dim), (t.width,), ("heads", "head_dim"), ("embed",),
+                   use_bias=False, **kw)
+    self.gate = Dense((t.width,), (t.mlp_dim,), ("embed",), ("mlp",), use_bias=False, **kw)
+    self.up = Dense((t.width,), (t.mlp_dim,), ("embed",), ("mlp",), use_bias=False, **kw)
+    self.down = Dense((t.mlp_dim,), (t.width,), ("mlp",), ("embed",), use_bias=False, **kw)
+
+  def block(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
+    """One layer. `kv` = (k_bskh, v_bskh, index) writes this step's keys/values into the cache."""
+    h = self.input_norm(x_btd)
+    q = apply_rope(self.q(h), cos_bth, sin_bth)
+    k = apply_rope(self.k(h), cos_bth, sin_bth)
+    v = self.v(h)
+    q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
+    if kv is not None:
+      k_cache, v_cache, index = kv
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+    out = attention(q, k, v, mask_bts)
+    x_btd = x_btd + self.o(out)
+    h = self.post_attn_norm(x_btd)
+    h = sharding.constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("act_batch", "act_len", "act_mlp"))
+    x_btd = x_btd + self.down(h)
+    return sharding.constrain(x_btd, ("act_batch", "act_len", "act_embed")), (k, v)
+
+
+class Decoder(nnx.Module):
+  """Decoder layers and the final RMSNorm, over input embeddings."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.layers = DecoderBlocks(cfg, rngs)
+    self.norm = Norm(cfg.text.width, kind="rms", eps=cfg.text.rms_norm_eps,
+                     dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x_btd: jax.Array, positions_3bt: jax.Array, valid_bt: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Returns the final-norm hidden states [B, T, D] and the updated cache (if one was given)."""
+    t = self.cfg.text
+    b, n = valid_bt.shape
+    cos, sin = mrope_cos_sin(positions_3bt, t.head_dim, t.rope_theta, t.mrope_section)
+    if cache is None:
+      causal = jnp.tril(jnp.ones((n, n), bool))
+      mask = causal[None] & valid_bt[:, None, :]
+
+      def body(layer, x, _):
+        return layer.block(x, cos, sin, mask)[0], None
+
+      x, _ = scan_layers(self.layers, body, x_btd, None, self.cfg.remat)
+      return self.norm(x), None
+
+    slots = cache.valid_bs.shape[1]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
+    query_slot = cache.index + jnp.arange(n)
+    mask = (jnp.arange(slots)[None, :] <= query_slot[:, None])[None] & valid[:, None, :]
+
+    def body_cached(layer, x, kv):
+      x, (k, v) = layer.block(x, cos, sin, mask, (kv[0], kv[1], cache.index))
+      return x, (k, v)
+
+    x, (k_all, v_all) = scan_layers(self.layers, body_cached, x_btd,
+                                    (cache.k_lbskh, cache.v_lbskh), self.cfg.remat)
+    last_pos = jnp.max(jnp.where(valid_bt[None], positions_3bt, -1), axis=(0, 2))
+    next_pos = jnp.where(jnp.any(valid_bt, axis=1), last_pos + 1, cache.next_position_b)
+    new_cache = KVCache(k_all, v_all, valid, cache.index + n, next_pos.astype(jnp.int32))
+    return self.norm(x), new_cache

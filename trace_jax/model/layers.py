@@ -1,0 +1,142 @@
+"""Building blocks shared by the vision tower and the decoder: dense, norms, RoPE, attention.
+
+Every parameter carries `logical_axes` metadata (see `trace_jax/sharding.py`). A `stack` argument
+adds a leading "layers" axis so that a whole tower of blocks is one set of arrays that
+`scan_layers` runs with `jax.lax.scan`. Nothing here knows about checkpoints or losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trace_jax import sharding
+
+_INIT_STD = 0.02  # transformers' `initializer_range` for Qwen2-VL / Qwen2.5-VL.
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str) -> nnx.Param:
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x . kernel (+ bias) contracting the trailing `len(in_shape)` dims of x.
+
+  kernel: [*stack, *in_shape, *out_shape]; bias: [*stack, *out_shape].
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+               in_axes: Sequence[str | None], out_axes: Sequence[str | None], *,
+               use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+    lead, lead_axes = ((stack,), ("layers",)) if stack else ((), ())
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = _param(rngs, (*lead, *in_shape, *out_shape), (*lead_axes, *in_axes, *out_axes),
+                         param_dtype, "normal")
+    self.bias = (_param(rngs, (*lead, *out_shape), (*lead_axes, *out_axes), param_dtype, "zeros")
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                            ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))),
+                             ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """RMSNorm (Qwen2 decoder, Qwen2.5-VL vision) or LayerNorm (Qwen2-VL vision), in float32."""
+
+  def __init__(self, dim: int, *, kind: str, eps: float, dtype, param_dtype,
+               stack: int | None = None, axis_name: str = "norm"):
+    lead, lead_axes = ((stack,), ("layers",)) if stack else ((), ())
+    if kind not in ("rms", "layer"):
+      raise ValueError(f"unknown norm kind {kind!r}")
+    self.kind, self.eps, self.dtype = kind, eps, dtype
+    self.scale = _param(None, (*lead, dim), (*lead_axes, axis_name), param_dtype, "ones")
+    self.bias = (_param(None, (*lead, dim), (*lead_axes, axis_name), param_dtype, "zeros")
+                 if kind == "layer" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "rms":
+      # transformers Qwen2RMSNorm: normalise in fp32, cast back, then scale.
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+      return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "silu": jax.nn.silu,
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [..., T, N, H]; cos/sin: [..., T, H] (broadcast over heads). Computed in float32."""
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[..., None, :] + rotate_half(x32) * sin[..., None, :]
+  return out.astype(x.dtype)
+
+
+def inv_frequencies(dim: int, theta: float) -> jax.Array:
+  return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+              mask_bts: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention with a boolean mask (True = attend); softmax in float32.
+
+  Returns [B, T, N, H]. Rows with no visible key (padding queries) return an average of values and
+  must be ignored by the caller.
+  """
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q = q_btnh.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+  return out.reshape(b, t, n, h)
+
+
+def scan_layers(stacked: nnx.Module, body: Callable[..., Any], carry: Any, xs: Any,
+                remat: str = "none") -> tuple[Any, Any]:
+  """Runs `body(layer, carry, x) -> (carry, y)` over a module whose arrays are stacked on axis 0.
+
+  The layer passed to `body` is the same module merged with one slice of the stacked state.
+  """
+  graphdef, state = nnx.split(stacked)
+
+  def step(c, inputs):
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), c, x)
+
+  if remat == "full":
+    step = jax.checkpoint(step)
+  elif remat == "dots":
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return jax.lax.scan(step, carry, (state, xs))
