@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections): one experiment per file, `get_config(arg)`."""

@@ -1,0 +1,104 @@
+"""Shared config skeleton and the `key=value,...` argument parser of every config file.
+
+Configs are data: this file imports neither jax nor trace_jax.
+"""
+
+import ast
+
+import ml_collections
+
+
+def parse_arg(arg: str, defaults: dict) -> dict:
+  """Parses `a=1,b=x` against `defaults`; unknown keys raise, values keep the default's type."""
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not key=value")
+    if key not in defaults:
+      raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, (int, float)):
+      out[key] = type(default)(ast.literal_eval(value))
+    else:
+      out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Sections every experiment has; model files fill `model`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 0
+
+  c.model = ml_collections.ConfigDict()
+  # "qwen2_vl" or "qwen2_5_vl": picks the vision block (LayerNorm+GELU vs RMSNorm+SwiGLU+windows).
+  c.model.family = "qwen2_5_vl"
+  # Compute dtype; parameters are kept in param_dtype (bf16 compute, fp32 params for training).
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  # Rematerialisation of each scanned layer in the backward pass: none | full | dots.
+  c.model.remat = "none"
+  c.model.image_token_id = 151655
+  c.model.video_token_id = 151656
+  c.model.vision_start_token_id = 151652
+  c.model.vision_end_token_id = 151653
+
+  # On a CPU-only host, split the CPU into this many fake devices (0 = leave JAX's default).
+  c.cpu_devices = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  # Mesh axis sizes; one may be -1 to take the remaining devices.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  # Logical axis -> mesh axes (see trace_jax/sharding.py); None keeps the built-in table.
+  c.sharding_rules = None
+  # Fail at start-up when more than this fraction of parameter bytes is replicated.
+  c.max_replicated_fraction = 0.5
+
+  c.ckpt = ml_collections.ConfigDict()
+  # A Hugging Face directory or an Orbax checkpoint from tools/import_hf to start from ("" = none).
+  c.ckpt.init_from = ""
+  return c
+
+
+def text_model(vocab_size, width, mlp_dim, num_layers, num_heads, num_kv_heads, tie_embeddings,
+               mrope_section=(16, 24, 24), rope_theta=1000000.0, rms_norm_eps=1e-6):
+  return ml_collections.ConfigDict(dict(
+    vocab_size=vocab_size, width=width, mlp_dim=mlp_dim, num_layers=num_layers,
+    num_heads=num_heads, num_kv_heads=num_kv_heads, mrope_section=mrope_section,
+    rope_theta=rope_theta, rms_norm_eps=rms_norm_eps, tie_embeddings=tie_embeddings))
+
+
+def qwen2_vl_vision(out_width):
+  """The Qwen2-VL ViT (675M): LayerNorm + QuickGELU blocks, full attention everywhere."""
+  return ml_collections.ConfigDict(dict(
+    depth=32, width=1280, mlp_dim=5120, num_heads=16, out_width=out_width, patch_size=14,
+    temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
+    fullatt_block_indexes=(), act="quick_gelu", rope_theta=10000.0, norm_eps=1e-6))
+
+
+def qwen2_5_vl_vision(out_width):
+  """The Qwen2.5-VL ViT: RMSNorm + SwiGLU blocks, 112-px windows, full attention in 4 blocks."""
+  return ml_collections.ConfigDict(dict(
+    depth=32, width=1280, mlp_dim=3420, num_heads=16, out_width=out_width, patch_size=14,
+    temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
+    fullatt_block_indexes=(7, 15, 23, 31), act="silu", rope_theta=10000.0, norm_eps=1e-6))
+
+
+def released_model_config(arg: str, family: str, text: ml_collections.ConfigDict):
+  """A config for a released checkpoint's architecture; `arg` sets dtype, param_dtype, remat."""
+  args = parse_arg(arg, {"dtype": "bfloat16", "param_dtype": "float32", "remat": "full"})
+  c = base_config()
+  c.model.family = family
+  c.model.dtype = args["dtype"]
+  c.model.param_dtype = args["param_dtype"]
+  c.model.remat = args["remat"]
+  c.model.text = text
+  vision = qwen2_vl_vision if family == "qwen2_vl" else qwen2_5_vl_vision
+  c.model.vision = vision(out_width=text.width)
+  return c

@@ -1,0 +1,30 @@
+"""Test harness: 8 fake CPU devices, mesh fixtures, float32 matmuls, a compilation cache."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+from trace_jax import sharding  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def mesh():
+  """The (data=2, fsdp=2, tensor=2) mesh over the 8 fake devices."""
+  assert jax.device_count() == 8, "tests need 8 fake CPU devices"
+  return sharding.make_mesh(2, 2, 2)
+
+
+@pytest.fixture(scope="session")
+def mesh_factory():
+  """Builds other mesh shapes over the same 8 devices, e.g. mesh_factory(1, 4, 2)."""
+  return sharding.make_mesh

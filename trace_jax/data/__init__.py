@@ -1,0 +1,1 @@
+"""Data pipeline of trace_jax: tokenizers."""

@@ -1,0 +1,195 @@
+"""Text tokenizers for trace_jax behind one small `Tokenizer` protocol.
+
+`HFTokenizer` wraps a Hugging Face `tokenizer.json` (the Qwen2.5-VL one in practice) and adds the
+`<|emb|>` special token whose last hidden state becomes the embedding. `SentencePieceTokenizer`
+trains and wraps a small SentencePiece model for toy runs and tests. This module does not build
+chat prompts, insert image tokens or batch and pad sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+
+import sentencepiece as spm
+import tokenizers
+
+EMB_TOKEN = "<|emb|>"
+
+_TOKENIZER_FILE = "tokenizer.json"
+_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What trace_jax needs from a tokenizer: ids in, text out, and the `<|emb|>` id."""
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`; no BOS/EOS or other special tokens are added."""
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`."""
+    ...
+
+  def token_to_id(self, token: str) -> int:
+    """Id of `token`; raises KeyError naming the token if it is not in the vocabulary."""
+    ...
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, added tokens included."""
+    ...
+
+  @property
+  def emb_id(self) -> int:
+    """Id of `EMB_TOKEN`."""
+    ...
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers.Tokenizer` with `<|emb|>` added as a special token.
+
+  Attributes:
+    num_base_tokens: vocab size (added tokens included) before `<|emb|>` was added.
+    added_ids: ids this wrapper added; empty when the tokenizer already had `<|emb|>`.
+    source_dir: directory the tokenizer was read from, if any; `save` copies its
+      `tokenizer_config.json`.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, source_dir: str | None = None):
+    """Wraps `tokenizer`, adding `EMB_TOKEN` to it in place when it is missing."""
+    self._tok = tokenizer
+    self.source_dir = source_dir
+    self.num_base_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.added_ids: list[int] = []
+    if tokenizer.token_to_id(EMB_TOKEN) is None:
+      emb = tokenizers.AddedToken(EMB_TOKEN, special=True, normalized=False)
+      tokenizer.add_special_tokens([emb])
+      self.added_ids.append(tokenizer.token_to_id(EMB_TOKEN))
+
+  @classmethod
+  def from_dir(cls, hf_dir: str) -> HFTokenizer:
+    """Reads `hf_dir/tokenizer.json`; raises FileNotFoundError naming the path if it is missing."""
+    path = os.path.join(hf_dir, _TOKENIZER_FILE)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return cls(tokenizers.Tokenizer.from_file(path), source_dir=hf_dir)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def token_to_id(self, token: str) -> int:
+    token_id = self._tok.token_to_id(token)
+    if token_id is None:
+      raise KeyError(token)
+    return token_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def emb_id(self) -> int:
+    return self.token_to_id(EMB_TOKEN)
+
+  def save(self, out_dir: str) -> None:
+    """Writes `tokenizer.json` and, if the source had one, `tokenizer_config.json` to `out_dir`.
+
+    The copied config gets `<|emb|>` in its `added_tokens_decoder`, so that
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` maps it to the same id.
+    """
+    config = self._read_source_config()
+    os.makedirs(out_dir, exist_ok=True)
+    self._tok.save(os.path.join(out_dir, _TOKENIZER_FILE))
+    if config is not None:
+      _register_added_token(config, EMB_TOKEN, self.emb_id)
+      with open(os.path.join(out_dir, _TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+  def _read_source_config(self) -> dict[str, Any] | None:
+    if self.source_dir is None:
+      return None
+    path = os.path.join(self.source_dir, _TOKENIZER_CONFIG_FILE)
+    if not os.path.isfile(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+
+
+def _register_added_token(config: dict[str, Any], token: str, token_id: int) -> None:
+  """Puts `token` at `token_id` in a tokenizer_config's `added_tokens_decoder`, as special."""
+  decoder = config.setdefault("added_tokens_decoder", {})
+  existing = decoder.get(str(token_id))
+  if existing is not None and existing.get("content") != token:
+    raise ValueError(f"{_TOKENIZER_CONFIG_FILE}: id {token_id} is {existing.get('content')!r} in "
+                     f"added_tokens_decoder, but tokenizer.json has {token!r} there")
+  decoder[str(token_id)] = {"content": token, "lstrip": False, "normalized": False,
+                            "rstrip": False, "single_word": False, "special": True}
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model whose user symbols (always `<|emb|>`) are single, unsplittable ids."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor):
+    self._sp = processor
+
+  @classmethod
+  def from_file(cls, path: str) -> SentencePieceTokenizer:
+    """Loads a `.model` file; raises FileNotFoundError naming the path if it is missing."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"sentencepiece model not found: {path}")
+    return cls(spm.SentencePieceProcessor(model_file=path))
+
+  @classmethod
+  def train(cls, texts: Iterable[str], out_prefix: str, vocab_size: int,
+            user_symbols: Sequence[str] = (), model_type: str = "bpe") -> SentencePieceTokenizer:
+    """Trains a model on `texts`, writes `out_prefix.model` / `.vocab` and loads it.
+
+    Training is deterministic: every sentence is used in order on one thread. Byte fallback is on,
+    so any text encodes without unknown ids.
+
+    Args:
+      texts: training sentences.
+      out_prefix: path prefix of the written files; its directory is created.
+      vocab_size: total ids, including `<unk>`, `<s>`, `</s>`, the 256 bytes and user symbols.
+      user_symbols: extra tokens that always encode to one id, e.g. `<|image_pad|>`; `EMB_TOKEN`
+        is always added first.
+      model_type: "bpe" or "unigram".
+    """
+    if model_type not in ("bpe", "unigram"):
+      raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    out_dir = os.path.dirname(out_prefix)
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+    symbols = list(dict.fromkeys([EMB_TOKEN, *user_symbols]))
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=out_prefix, vocab_size=vocab_size,
+      model_type=model_type, user_defined_symbols=symbols, byte_fallback=True,
+      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=1)
+    return cls.from_file(f"{out_prefix}.model")
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text, add_bos=False, add_eos=False)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode(list(ids))
+
+  def token_to_id(self, token: str) -> int:
+    token_id = self._sp.piece_to_id(token)
+    if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id):
+      raise KeyError(token)
+    return token_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def emb_id(self) -> int:
+    return self.token_to_id(EMB_TOKEN)

@@ -1,0 +1,1 @@
+"""Command-line tools: one command per module."""
