@@ -149,25 +149,25 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def param_table(model: nnx.Module) -> list[tuple[str, tuple[int, ...], str, int]]:
-  """Rows (path, shape, spec, bytes per device) for every parameter of a sharded model."""
+def param_table(model: nnx.Module) -> list[tuple[str, tuple[int, ...], str, int, bool]]:
+  """Rows (path, shape, spec, bytes per device, fully replicated) for every parameter."""
   rows = []
   for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     x = v.get_value()
-    sharding = getattr(x, "sharding", None)
-    spec = getattr(sharding, "spec", PartitionSpec())
-    local = sharding.shard_shape(x.shape) if sharding is not None else x.shape
-    rows.append(("/".join(map(str, path)), tuple(x.shape), str(spec),
-                 int(np.prod(local)) * x.dtype.itemsize))
+    sh = getattr(x, "sharding", None)
+    local = sh.shard_shape(x.shape) if sh is not None else x.shape
+    replicated_here = sh is None or sh.is_fully_replicated
+    rows.append(("/".join(map(str, path)), tuple(x.shape), str(getattr(sh, "spec", "")),
+                 int(np.prod(local)) * x.dtype.itemsize, replicated_here))
   return rows
 
 
 def log_param_table(model: nnx.Module, max_replicated_fraction: float = 1.0) -> None:
   """Logs the parameter table; raises when too many parameter bytes are fully replicated."""
   rows = param_table(model)
-  total = sum(b for _, _, _, b in rows)
-  replicated_bytes = sum(b for _, _, spec, b in rows if spec == str(PartitionSpec()))
-  for path, shape, spec, nbytes in rows:
+  total = sum(r[3] for r in rows)
+  replicated_bytes = sum(r[3] for r in rows if r[4])
+  for path, shape, spec, nbytes, _ in rows:
     _log.info("%-60s %-24s %-36s %10d", path, shape, spec, nbytes)
   frac = replicated_bytes / max(total, 1)
   _log.info("parameters: %d bytes per device, %.1f%% replicated", total, 100 * frac)
