@@ -7,6 +7,6 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  text = common.text_model(vocab_size=152064, width=3584, mlp_dim=18944, num_layers=28, num_heads=28,
-                           num_kv_heads=4, tie_embeddings=False)
+  text = common.text_model(vocab_size=152064, width=3584, mlp_dim=18944, num_layers=28,
+                           num_heads=28, num_kv_heads=4, tie_embeddings=False)
   return common.released_model_config(arg, "qwen2_5_vl", text)

@@ -14,11 +14,11 @@ from trace_jax.model import QwenVL, prepare_positions
 def test_logical_to_spec_rules(mesh):
   assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")
   # kv_heads=1 cannot split over tensor=2: replicated rather than an error.
-  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == \
-      P("fsdp", None, None)
+  spec = sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh)
+  assert spec == P("fsdp", None, None)
   # A mesh axis is used once per array.
-  assert sharding.logical_to_spec(("act_batch", "embed"), (4, 64), mesh) == \
-      P(("data", "fsdp"), None)
+  spec = sharding.logical_to_spec(("act_batch", "embed"), (4, 64), mesh)
+  assert spec == P(("data", "fsdp"), None)
   with pytest.raises(KeyError, match="no_such_axis"):
     sharding.logical_to_spec(("no_such_axis",), (4,), mesh)
   with sharding.use_rules([("embed", "tensor"), ("mlp", None)]):

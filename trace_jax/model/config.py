@@ -93,7 +93,8 @@ class ModelConfig:
       raise ValueError(f"heads do not divide: width={t.width}, heads={t.num_heads}, "
                        f"kv_heads={t.num_kv_heads}")
     if 2 * sum(t.mrope_section) != t.head_dim:
-      raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+      raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = "
+                       f"{t.head_dim // 2}")
     if self.vision.width % self.vision.num_heads:
       raise ValueError("vision width must be divisible by vision heads")
 

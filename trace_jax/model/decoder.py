@@ -87,7 +87,8 @@ class DecoderBlocks(nnx.Module):
     out = attention(q, k, v, mask_bts)
     x_btd = x_btd + self.o(out)
     h = self.post_attn_norm(x_btd)
-    h = sharding.constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("act_batch", "act_len", "act_mlp"))
+    h = sharding.constrain(jax.nn.silu(self.gate(h)) * self.up(h),
+                           ("act_batch", "act_len", "act_mlp"))
     x_btd = x_btd + self.down(h)
     return sharding.constrain(x_btd, ("act_batch", "act_len", "act_embed")), (k, v)
 

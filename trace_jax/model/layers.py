@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trace_jax import sharding
-
 _INIT_STD = 0.02  # transformers' `initializer_range` for Qwen2-VL / Qwen2.5-VL.
 
 

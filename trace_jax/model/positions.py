@@ -108,7 +108,8 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray | None,
           try:
             gt, gh, gw = next(grids)
           except StopIteration:
-            raise ValueError(f"row {row}: more image tokens than images in image_grid_thw") from None
+            raise ValueError(f"row {row}: more image tokens than images in image_grid_thw"
+                             ) from None
           gh, gw = gh // m, gw // m
           n = gt * gh * gw
           if n > run:

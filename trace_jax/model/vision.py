@@ -1,7 +1,8 @@
 """The Qwen2-VL / Qwen2.5-VL vision tower and patch merger (Flax NNX).
 
-Ported from transformers `models/qwen2_vl/modeling_qwen2_vl.py` (`Qwen2VisionTransformerPretrainedModel`)
-and `models/qwen2_5_vl/modeling_qwen2_5_vl.py` (`Qwen2_5_VisionTransformerPretrainedModel`).
+Ported from transformers `models/qwen2_vl/modeling_qwen2_vl.py`
+(`Qwen2VisionTransformerPretrainedModel`) and `models/qwen2_5_vl/modeling_qwen2_5_vl.py`
+(`Qwen2_5_VisionTransformerPretrainedModel`).
 Patches arrive flat, [P, C*2*14*14], as the Hugging Face processor gives them; attention is
 restricted to one frame (full blocks) or one window (Qwen2.5-VL window blocks) by segment ids.
 It does not decide where image features go in the text sequence (see `qwen_vl.py`).
