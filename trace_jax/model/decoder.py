@@ -73,23 +73,25 @@ class DecoderBlocks(nnx.Module):
     self.up = Dense((t.width,), (t.mlp_dim,), ("embed",), ("mlp",), use_bias=False, **kw)
     self.down = Dense((t.mlp_dim,), (t.width,), ("mlp",), ("embed",), use_bias=False, **kw)
 
-  def block(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None):
-    """One layer. `kv` = (k_bskh, v_bskh, index) writes this step's keys/values into the cache."""
+  def block(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, key=None):
+    """One layer. `kv` = (k_bskh, v_bskh, index) writes this step's keys/values into the cache;
+    `key` feeds adapter dropout (one key per projection)."""
+    keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
     h = self.input_norm(x_btd)
-    q = apply_rope(self.q(h), cos_bth, sin_bth)
-    k = apply_rope(self.k(h), cos_bth, sin_bth)
-    v = self.v(h)
+    q = apply_rope(self.q(h, key=keys[0]), cos_bth, sin_bth)
+    k = apply_rope(self.k(h, key=keys[1]), cos_bth, sin_bth)
+    v = self.v(h, key=keys[2])
     q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
     if kv is not None:
       k_cache, v_cache, index = kv
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
     out = attention(q, k, v, mask_bts)
-    x_btd = x_btd + self.o(out)
+    x_btd = x_btd + self.o(out, key=keys[3])
     h = self.post_attn_norm(x_btd)
-    h = sharding.constrain(jax.nn.silu(self.gate(h)) * self.up(h),
+    h = sharding.constrain(jax.nn.silu(self.gate(h, key=keys[4])) * self.up(h, key=keys[5]),
                            ("act_batch", "act_len", "act_mlp"))
-    x_btd = x_btd + self.down(h)
+    x_btd = x_btd + self.down(h, key=keys[6])
     return sharding.constrain(x_btd, ("act_batch", "act_len", "act_embed")), (k, v)
 
 
@@ -103,19 +105,24 @@ class Decoder(nnx.Module):
                      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
 
   def __call__(self, x_btd: jax.Array, positions_3bt: jax.Array, valid_bt: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Returns the final-norm hidden states [B, T, D] and the updated cache (if one was given)."""
+               cache: KVCache | None = None, dropout_rng: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Returns the final-norm hidden states [B, T, D] and the updated cache (if one was given).
+
+    `dropout_rng` (training only, not with a cache) gives each layer its own adapter-dropout key.
+    """
     t = self.cfg.text
     b, n = valid_bt.shape
     cos, sin = mrope_cos_sin(positions_3bt, t.head_dim, t.rope_theta, t.mrope_section)
     if cache is None:
       causal = jnp.tril(jnp.ones((n, n), bool))
       mask = causal[None] & valid_bt[:, None, :]
+      keys = None if dropout_rng is None else jax.random.split(dropout_rng, t.num_layers)
 
-      def body(layer, x, _):
-        return layer.block(x, cos, sin, mask)[0], None
+      def body(layer, x, key):
+        return layer.block(x, cos, sin, mask, key=key)[0], None
 
-      x, _ = scan_layers(self.layers, body, x_btd, None, self.cfg.remat)
+      x, _ = scan_layers(self.layers, body, x_btd, keys, self.cfg.remat)
       return self.norm(x), None
 
     slots = cache.valid_bs.shape[1]

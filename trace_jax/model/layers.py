@@ -44,14 +44,19 @@ class Dense(nnx.Module):
     self.bias = (_param(rngs, (*lead, *out_shape), (*lead_axes, *out_axes), param_dtype, "zeros")
                  if use_bias else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
-                            ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))),
-                             ((), ())))
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`key` is unused here; adapters that wrap a Dense (LoRA) use it for dropout."""
+    del key
+    y = contract(x, self.kernel[...].astype(self.dtype), self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
+  """Contracts the trailing `n` dims of x with the leading `n` dims of w."""
+  return jax.lax.dot_general(x.astype(w.dtype), w,
+                             ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
 
 
 class Norm(nnx.Module):

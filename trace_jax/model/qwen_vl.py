@@ -65,7 +65,8 @@ class QwenVL(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, image_grid_thw: Any = None, *,
                position_ids: jax.Array | None = None, vision_layout: VisionLayout | None = None,
-               cache: KVCache | None = None, return_logits: bool = True) -> ModelOutput:
+               cache: KVCache | None = None, return_logits: bool = True,
+               dropout_rng: jax.Array | None = None) -> ModelOutput:
     """Forward pass over [B, T] tokens (and [P, C*2*14*14] patches of all images, in order).
 
     `position_ids` [3, B, T] and `vision_layout` are computed from the concrete inputs when not
@@ -82,7 +83,7 @@ class QwenVL(nnx.Module):
     if pixel_values is not None:
       feats = self.visual(jnp.asarray(pixel_values), vision_layout)
       x = merge_image_features(x, input_ids == self.cfg.image_token_id, feats)
-    h, cache = self.decoder(x, jnp.asarray(position_ids), valid, cache)
+    h, cache = self.decoder(x, jnp.asarray(position_ids), valid, cache, dropout_rng)
     return ModelOutput(self.logits(h) if return_logits else None, h, cache)
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Training: losses, train state, the TRACE train step."""
