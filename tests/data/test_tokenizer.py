@@ -1,75 +1,29 @@
 """Tests of trace_jax.data.tokenizer on tiny tokenizers trained offline in tmp_path.
 
-The Hugging Face fixture mimics the Qwen2 `tokenizer.json` layout (NFC, Qwen split regex, byte-level
-BPE, special tokens appended after the BPE vocab) at a few hundred ids. No test touches the network
-or a real checkpoint.
+The Hugging Face fixture (`tests/data/tokenizer_fixture.py`) mimics the Qwen2 `tokenizer.json`
+layout at a few hundred ids. No test touches the network or a real checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 
 import pytest
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
+from tests.data.tokenizer_fixture import corpus, qwen_like_tokenizer, write_hf_dir
 from trace_jax.data.tokenizer import EMB_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
-QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|image_pad|>")
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SAMPLE = "<|im_start|><|vision_start|><|image_pad|><|vision_end|>hello world, a red circle<|emb|>"
 VISION_SYMBOLS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 
 
-def _corpus(n: int) -> list[str]:
-  rng = random.Random(0)
-  colors = ("red", "green", "blue", "yellow", "black", "white")
-  shapes = ("circle", "square", "triangle", "star")
-  places = ("next to", "above", "below", "inside")
-  return [f"a {rng.choice(colors)} {rng.choice(shapes)} {rng.choice(places)} the "
-          f"{rng.choice(colors)} {rng.choice(shapes)}, hello world" for _ in range(n)]
-
-
-def _qwen_like_tokenizer() -> tokenizers.Tokenizer:
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-    pre_tokenizers.Split(tokenizers.Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_corpus(50), trainer)
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in QWEN_SPECIALS])
-  return tok
-
-
-def _write_hf_dir(path, tok: tokenizers.Tokenizer, tokenizer_class: str | None = None) -> str:
-  """Saves `tok` as a Hugging Face tokenizer dir; with a Qwen-like config if a class is given."""
-  os.makedirs(path, exist_ok=True)
-  tok.save(os.path.join(path, "tokenizer.json"))
-  if tokenizer_class is not None:
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                       "rstrip": False, "single_word": False, "special": True}
-             for t in QWEN_SPECIALS}
-    config = {"tokenizer_class": tokenizer_class, "added_tokens_decoder": added,
-              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
-              "clean_up_tokenization_spaces": False, "split_special_tokens": False,
-              "model_max_length": 1024}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-      json.dump(config, f)
-  return str(path)
-
-
 @pytest.fixture
 def hf_dir(tmp_path) -> str:
-  return _write_hf_dir(tmp_path / "src", _qwen_like_tokenizer(), "PreTrainedTokenizerFast")
+  return write_hf_dir(tmp_path / "src", qwen_like_tokenizer(), "PreTrainedTokenizerFast")
 
 
 def test_from_dir_adds_emb_once_after_base_vocab(hf_dir):
@@ -85,10 +39,10 @@ def test_from_dir_adds_emb_once_after_base_vocab(hf_dir):
 
 
 def test_from_dir_with_emb_present_adds_nothing(tmp_path):
-  raw = _qwen_like_tokenizer()
+  raw = qwen_like_tokenizer()
   raw.add_special_tokens([tokenizers.AddedToken(EMB_TOKEN, special=True, normalized=False)])
   emb_id = raw.token_to_id(EMB_TOKEN)
-  tok = HFTokenizer.from_dir(_write_hf_dir(tmp_path / "src", raw))
+  tok = HFTokenizer.from_dir(write_hf_dir(tmp_path / "src", raw))
   assert tok.added_ids == []
   assert tok.num_base_tokens == tok.vocab_size == emb_id + 1
   assert tok.emb_id == emb_id
@@ -105,7 +59,7 @@ def test_encode_ends_with_emb_and_round_trips(hf_dir):
 
 
 def test_encode_adds_no_special_tokens():
-  raw = _qwen_like_tokenizer()
+  raw = qwen_like_tokenizer()
   raw.post_processor = processors.TemplateProcessing(
     single="<|im_start|> $A <|im_end|>",
     special_tokens=[(t, raw.token_to_id(t)) for t in ("<|im_start|>", "<|im_end|>")])
@@ -140,7 +94,7 @@ def test_save_and_reload_keep_emb_id(hf_dir, tmp_path):
 
 
 def test_save_without_source_config_writes_only_tokenizer_json(tmp_path):
-  tok = HFTokenizer.from_dir(_write_hf_dir(tmp_path / "src", _qwen_like_tokenizer()))
+  tok = HFTokenizer.from_dir(write_hf_dir(tmp_path / "src", qwen_like_tokenizer()))
   tok.save(str(tmp_path / "out"))
   assert os.listdir(tmp_path / "out") == ["tokenizer.json"]
 
@@ -160,7 +114,7 @@ def test_save_rejects_config_with_other_token_at_emb_id(hf_dir, tmp_path):
 @pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "Qwen2Tokenizer"])
 def test_transformers_auto_tokenizer_agrees(tmp_path, tokenizer_class):
   transformers = pytest.importorskip("transformers")
-  src = _write_hf_dir(tmp_path / "src", _qwen_like_tokenizer(), tokenizer_class)
+  src = write_hf_dir(tmp_path / "src", qwen_like_tokenizer(), tokenizer_class)
   tok = HFTokenizer.from_dir(src)
   out = str(tmp_path / "out")
   tok.save(out)
@@ -171,7 +125,7 @@ def test_transformers_auto_tokenizer_agrees(tmp_path, tokenizer_class):
 
 
 def _train_sp(prefix) -> SentencePieceTokenizer:
-  return SentencePieceTokenizer.train(_corpus(200), str(prefix), vocab_size=320,
+  return SentencePieceTokenizer.train(corpus(200), str(prefix), vocab_size=320,
                                       user_symbols=VISION_SYMBOLS)
 
 
@@ -180,7 +134,7 @@ def test_sentencepiece_training_is_deterministic(tmp_path):
   b = _train_sp(tmp_path / "b" / "sp")
   assert os.path.isfile(tmp_path / "a" / "sp.model")
   assert a.vocab_size == b.vocab_size == 320
-  for text in _corpus(20) + [SAMPLE, "unseen wörds 😀 42"]:
+  for text in corpus(20) + [SAMPLE, "unseen wörds 😀 42"]:
     assert a.encode(text) == b.encode(text)
 
 

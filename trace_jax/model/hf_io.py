@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Iterator
 
 import jax
@@ -29,6 +30,7 @@ from trace_jax.model.hf_config import from_hf_config, read_hf_config, to_hf_conf
 from trace_jax.model.qwen_vl import QwenVL
 
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model(-\d+-of-\d+)?\.safetensors")  # What save_hf writes.
 _LAYOUTS = ({"text": "model", "vision": "visual"},
             {"text": "model.language_model", "vision": "model.visual"})
 
@@ -136,7 +138,7 @@ class _Checkpoint:
         with safe_open(os.path.join(hf_dir, name), "numpy") as f:
           self.where.update({k: name for k in f.keys()})
       self.index_name = os.path.join(hf_dir, files[0]) if len(files) == 1 else hf_dir
-    self._open: dict[str, object] = {}
+    self._open: dict[str, tuple[object, set[str]]] = {}  # File name -> (handle, its tensors).
 
   def layout(self) -> dict[str, str]:
     for layout in _LAYOUTS:
@@ -149,12 +151,16 @@ class _Checkpoint:
     if spec.hf_name not in self.where:
       raise KeyError(f"missing tensor {spec.hf_name} in {self.index_name}")
     fname = self.where[spec.hf_name]
+    path = os.path.join(self.dir, fname)
     if fname not in self._open:
-      self._open[fname] = safe_open(os.path.join(self.dir, fname), "numpy")
-    handle = self._open[fname]
+      handle = safe_open(path, "numpy")
+      self._open[fname] = (handle, set(handle.keys()))
+    handle, keys = self._open[fname]
+    if spec.hf_name not in keys:  # The index names a file that does not hold the tensor.
+      raise KeyError(f"missing tensor {spec.hf_name} in {path} (where {self.index_name} puts it)")
     shape = tuple(handle.get_slice(spec.hf_name).get_shape())
     if shape != spec.hf_shape:
-      raise ValueError(f"tensor {spec.hf_name} in {os.path.join(self.dir, fname)} has shape {shape}, "
+      raise ValueError(f"tensor {spec.hf_name} in {path} has shape {shape}, "
                        f"expected {spec.hf_shape} from config.json")
     return handle.get_tensor(spec.hf_name)
 
@@ -226,7 +232,8 @@ def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16", base_config
   """Writes `model` as a Hugging Face directory (hub key layout) that transformers loads.
 
   Tensors are gathered to the host one at a time and written in shards of at most
-  `max_shard_bytes`, with `model.safetensors.index.json` when there is more than one.
+  `max_shard_bytes`, with `model.safetensors.index.json` when there is more than one. Shards and
+  an index left in `out_dir` by an earlier save are removed.
   """
   cfg = model.cfg
   os.makedirs(out_dir, exist_ok=True)
@@ -261,5 +268,11 @@ def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16", base_config
     with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": sum(b for _, _, b in written)},
                  "weight_map": weight_map}, f, indent=2)
+  # A checkpoint written here before would otherwise be read back (its index) or merged with
+  # this one (its other shards): remove what this save did not write.
+  for stale in os.listdir(out_dir):
+    if ((stale == INDEX_FILE and n == 1) or
+        (_SHARD_NAME.fullmatch(stale) and stale not in names)):
+      os.remove(os.path.join(out_dir, stale))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)

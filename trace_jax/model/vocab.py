@@ -46,6 +46,12 @@ def add_token_rows(model: QwenVL, token_ids: Sequence[int], num_trained_rows: in
   if not token_ids:
     return model
   cfg = model.cfg
+  if not 0 < num_trained_rows <= cfg.text.vocab_size:
+    # E.g. a tokenizer with more tokens than the checkpoint has embedding rows: the wrong pair.
+    raise ValueError(f"num_trained_rows={num_trained_rows} must be in [1, {cfg.text.vocab_size}] "
+                     f"(the model's vocab_size); is the tokenizer that of this checkpoint?")
+  if min(token_ids) < 0:
+    raise ValueError(f"negative token id in {list(token_ids)}")
   new_size = max(cfg.text.vocab_size, max(token_ids) + 1)
   model.embed.set_value(_grow(model.embed[...], 0, new_size, token_ids, num_trained_rows,
                               sharding.variable_axes(model.embed)))

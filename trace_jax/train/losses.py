@@ -150,8 +150,9 @@ def infonce_shard_map(q_bd, c_bd, scale, *, mesh, neg_bd=None, symmetric=False,
     b_local = q.shape[0]
     offset = jax.lax.axis_index(axes) * b_local
     c_all = jax.lax.all_gather(c, axes, tiled=True)
-    cands = jnp.concatenate([c_all, jax.lax.all_gather(neg[0], axes, tiled=True)]) if neg \
-        else c_all
+    cands = c_all
+    if neg:
+      cands = jnp.concatenate([c_all, jax.lax.all_gather(neg[0], axes, tiled=True)])
     labels = offset + jnp.arange(b_local)
     rows = (functools.partial(_rows_loss_chunked, chunk=chunk) if chunk else _rows_loss)
     out = rows(q, cands, labels, scale)
