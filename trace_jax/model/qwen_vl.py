@@ -67,7 +67,11 @@ class QwenVL(nnx.Module):
                position_ids: jax.Array | None = None, vision_layout: VisionLayout | None = None,
                cache: KVCache | None = None, return_logits: bool = True,
                dropout_rng: jax.Array | None = None) -> ModelOutput:
-    """Forward pass over [B, T] tokens (and [P, C*2*14*14] patches of all images, in order).
+    """Forward pass over [B, T] tokens and the patches of their images.
+
+    pixel_values: [P, C*2*14*14] for all images in order (the Hugging Face processor's format),
+    or [B, P, C*2*14*14] with one image of one grid per row (training buckets; `vision_layout`
+    then describes one image).
 
     `position_ids` [3, B, T] and `vision_layout` are computed from the concrete inputs when not
     given (outside jit); with `cache`, keys and values are written at `cache.index`.
@@ -111,10 +115,18 @@ class QwenVL(nnx.Module):
     return self(token_ids_b1, position_ids=positions, cache=cache)
 
 
-def merge_image_features(x_btd: jax.Array, is_image_bt: jax.Array, feats_id: jax.Array):
-  """Puts the i-th image feature row at the i-th image-token position (row-major over B, T)."""
+def merge_image_features(x_btd: jax.Array, is_image_bt: jax.Array, feats: jax.Array):
+  """Writes image features over the image-token embeddings.
+
+  feats [I, D] (flat): the i-th row goes to the i-th image token in row-major (B, T) order.
+  feats [B, I, D] (one image per row): row b's i-th image token takes feats[b, i]; rows without
+  image tokens ignore theirs.
+  """
   b, t, d = x_btd.shape
-  flat = is_image_bt.reshape(-1)
-  idx = jnp.clip(jnp.cumsum(flat) - 1, 0, feats_id.shape[0] - 1)
-  gathered = feats_id[idx].astype(x_btd.dtype).reshape(b, t, d)
-  return jnp.where(is_image_bt[..., None], gathered, x_btd)
+  if feats.ndim == 2:
+    idx = jnp.clip(jnp.cumsum(is_image_bt.reshape(-1)) - 1, 0, feats.shape[0] - 1)
+    gathered = feats[idx].reshape(b, t, d)
+  else:
+    idx = jnp.clip(jnp.cumsum(is_image_bt, axis=1) - 1, 0, feats.shape[1] - 1)
+    gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
+  return jnp.where(is_image_bt[..., None], gathered.astype(x_btd.dtype), x_btd)

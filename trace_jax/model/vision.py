@@ -46,17 +46,16 @@ class VisionBlocks(nnx.Module):
       self.fc1 = Dense((v.width,), (v.mlp_dim,), ("vit_embed",), ("vit_mlp",), use_bias=True, **kw)
       self.fc2 = Dense((v.mlp_dim,), (v.width,), ("vit_mlp",), ("vit_embed",), use_bias=True, **kw)
 
-  def block(self, x_pd, cos_ph, sin_ph, mask_pp):
-    """One block on [P, D] patches (this module holding one layer's slice)."""
-    qkv = self.qkv(self.norm1(x_pd))  # [P, 3, N, H]
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+  def block(self, x_bpd, cos_ph, sin_ph, mask_pp):
+    """One block on [B, P, D] patches (this module holding one layer's slice)."""
+    qkv = self.qkv(self.norm1(x_bpd))  # [B, P, 3, N, H]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos_ph, sin_ph), apply_rope(k, cos_ph, sin_ph)
-    out = attention(q[None], k[None], v[None], mask_pp[None])[0]
-    x_pd = x_pd + self.proj(out)
-    h = self.norm2(x_pd)
+    x_bpd = x_bpd + self.proj(attention(q, k, v, mask_pp[None]))
+    h = self.norm2(x_bpd)
     act = ACTIVATIONS[self.act]
     h = self.down(act(self.gate(h)) * self.up(h)) if self.gated else self.fc2(act(self.fc1(h)))
-    return x_pd + h
+    return x_bpd + h
 
 
 class VisionTower(nnx.Module):
@@ -79,19 +78,27 @@ class VisionTower(nnx.Module):
                             use_bias=True, **kw)
 
   def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
-    """pixel_values: [P, C*T*14*14]. Returns merged image features [P/4, out_width]."""
+    """Merged image features of the patches described by `layout`.
+
+    pixel_values: [P, C*T*14*14] (the processor's flat format; returns [P/4, out_width]) or
+    [B, P, C*T*14*14] (B images of one grid, `layout` of one image; returns [B, P/4, out_width]).
+    """
+    if pixel_values.ndim == 2:
+      return self(pixel_values[None], layout)[0]
     v = self.cfg.vision
     unit = v.spatial_merge_size**2
-    p = pixel_values.shape[0]
+    b, p = pixel_values.shape[:2]
 
-    def to_tower_order(a):  # Permute merged units into window order (identity for Qwen2-VL).
-      return a.reshape(p // unit, unit, *a.shape[1:])[layout.window_index].reshape(a.shape)
+    def to_tower_order(a, axis):  # Permute merged units into window order (identity: Qwen2-VL).
+      shape = a.shape
+      a = a.reshape(*shape[:axis], p // unit, unit, *shape[axis + 1:])
+      return jnp.take(a, layout.window_index, axis=axis).reshape(shape)
 
-    x = to_tower_order(self.patch_embed(pixel_values))
-    x = sharding.constrain(x, ("act_patches", "act_embed"))
+    x = to_tower_order(self.patch_embed(pixel_values), 1)
+    x = sharding.constrain(x, ("act_batch", "act_patches", "act_embed"))
     inv = inv_frequencies(v.head_dim // 2, v.rope_theta)
     freqs = (layout.rot_pos_p2[..., None].astype(jnp.float32) * inv).reshape(p, -1)
-    freqs = to_tower_order(jnp.concatenate([freqs, freqs], axis=-1))
+    freqs = to_tower_order(jnp.concatenate([freqs, freqs], axis=-1), 0)
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     full = layout.segment_full[:, None] == layout.segment_full[None, :]
     window = layout.segment_window[:, None] == layout.segment_window[None, :]
@@ -104,6 +111,6 @@ class VisionTower(nnx.Module):
     is_full = np.array([self.cfg.family == "qwen2_vl" or i in v.fullatt_block_indexes
                         for i in range(v.depth)])
     x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), self.cfg.remat)
-    x = self.merger_norm(x).reshape(p // unit, unit, v.width)
+    x = self.merger_norm(x).reshape(b, p // unit, unit, v.width)
     x = self.merger_fc2(jax.nn.gelu(self.merger_fc1(x), approximate=False))
-    return x[layout.reverse_index]
+    return jnp.take(x, layout.reverse_index, axis=1)
