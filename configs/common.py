@@ -60,6 +60,47 @@ def base_config() -> ml_collections.ConfigDict:
   # Fail at start-up when more than this fraction of parameter bytes is replicated.
   c.max_replicated_fraction = 0.5
 
+  c.lora = ml_collections.ConfigDict()
+  # LoRA on the decoder (paper: r=128, alpha=256); rank 0 = full fine-tuning of the LLM.
+  c.lora.rank = 128
+  c.lora.alpha = 256.0
+  c.lora.dropout = 0.0
+  # Decoder projections that get adapters: any of q, k, v, o, gate, up, down.
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_gen = 1.0
+  c.loss.lambda_ret = 1.0
+  # InfoNCE temperature: the initial value when learned.
+  c.loss.temperature = 0.02
+  c.loss.learn_temperature = False
+  # Add the candidate->query InfoNCE term (averaged with query->candidate).
+  c.loss.symmetric = False
+  # Contrastive implementation: global (one matrix) | shard_map (explicit all_gather) | chunked.
+  c.loss.contrastive_impl = "chunked"
+  c.loss.contrastive_chunk = 256
+  # Vocabulary chunk of the streamed LM cross-entropy.
+  c.loss.vocab_chunk = 8192
+  # LM-loss slots per query: targets beyond this are dropped and counted in `lm/dropped_targets`.
+  c.loss.max_target_tokens = 256
+  # Embedding readout: pre_token (paper default) | emb (the <|emb|> token) | end_of_reasoning.
+  c.loss.readout = "pre_token"
+  # Token ids the readout needs (set from the tokenizer).
+  c.loss.emb_token_id = 151665
+  c.loss.eor_token_id = -1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 100
+  # Cosine decay to lr * final_lr_fraction at total_steps.
+  c.optim.final_lr_fraction = 0.0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0
+  # GradCache micro-batches per step (1 = one shot); the negatives stay the global batch.
+  c.optim.micro_batches = 1
+
   c.ckpt = ml_collections.ConfigDict()
   # A Hugging Face directory or an Orbax checkpoint from tools/import_hf to start from ("" = none).
   c.ckpt.init_from = ""

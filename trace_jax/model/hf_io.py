@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -48,23 +48,28 @@ class TensorSpec:
 
 def tensor_specs(cfg: ModelConfig, layout: dict[str, str]) -> Iterator[TensorSpec]:
   """Every tensor of the checkpoint, in a stable order."""
-  t, v = cfg.text, cfg.vision
+  t = cfg.text
   tp, vp = layout["text"], layout["vision"]
   hd, nh, kh = t.head_dim, t.num_heads, t.num_kv_heads
   yield TensorSpec(f"{tp}.embed_tokens.weight", ("embed",), None, (t.vocab_size, t.width), None)
   for i in range(t.num_layers):
     pre, lay = f"{tp}.layers.{i}", ("decoder", "layers")
-    yield TensorSpec(f"{pre}.input_layernorm.weight", (*lay, "input_norm", "scale"), i, (t.width,), None)
+    yield TensorSpec(f"{pre}.input_layernorm.weight", (*lay, "input_norm", "scale"), i,
+                     (t.width,), None)
     yield TensorSpec(f"{pre}.post_attention_layernorm.weight", (*lay, "post_attn_norm", "scale"), i,
                      (t.width,), None)
     for name, heads in (("q", nh), ("k", kh), ("v", kh)):
       yield TensorSpec(f"{pre}.self_attn.{name}_proj.weight", (*lay, name, "kernel"), i,
                        (heads * hd, t.width), 1)
-      yield TensorSpec(f"{pre}.self_attn.{name}_proj.bias", (*lay, name, "bias"), i, (heads * hd,), None)
-    yield TensorSpec(f"{pre}.self_attn.o_proj.weight", (*lay, "o", "kernel"), i, (t.width, nh * hd), 2)
+      yield TensorSpec(f"{pre}.self_attn.{name}_proj.bias", (*lay, name, "bias"), i,
+                       (heads * hd,), None)
+    yield TensorSpec(f"{pre}.self_attn.o_proj.weight", (*lay, "o", "kernel"), i,
+                     (t.width, nh * hd), 2)
     for name in ("gate", "up"):
-      yield TensorSpec(f"{pre}.mlp.{name}_proj.weight", (*lay, name, "kernel"), i, (t.mlp_dim, t.width), 1)
-    yield TensorSpec(f"{pre}.mlp.down_proj.weight", (*lay, "down", "kernel"), i, (t.width, t.mlp_dim), 1)
+      yield TensorSpec(f"{pre}.mlp.{name}_proj.weight", (*lay, name, "kernel"), i,
+                       (t.mlp_dim, t.width), 1)
+    yield TensorSpec(f"{pre}.mlp.down_proj.weight", (*lay, "down", "kernel"), i,
+                     (t.width, t.mlp_dim), 1)
   yield TensorSpec(f"{tp}.norm.weight", ("decoder", "norm", "scale"), None, (t.width,), None)
   if not t.tie_embeddings:
     yield TensorSpec("lm_head.weight", ("lm_head", "kernel"), None, (t.vocab_size, t.width), 1)
@@ -98,7 +103,8 @@ def _vision_specs(cfg: ModelConfig, vp: str) -> Iterator[TensorSpec]:
     yield TensorSpec(f"{vp}.merger.ln_q.bias", ("visual", "merger_norm", "bias"), None, (w,), None)
   yield TensorSpec(f"{vp}.merger.mlp.0.weight", ("visual", "merger_fc1", "kernel"), None,
                    (unit * w, unit * w), 2)
-  yield TensorSpec(f"{vp}.merger.mlp.0.bias", ("visual", "merger_fc1", "bias"), None, (unit * w,), None)
+  yield TensorSpec(f"{vp}.merger.mlp.0.bias", ("visual", "merger_fc1", "bias"), None,
+                   (unit * w,), None)
   yield TensorSpec(f"{vp}.merger.mlp.2.weight", ("visual", "merger_fc2", "kernel"), None,
                    (v.out_width, unit * w), 1)
   yield TensorSpec(f"{vp}.merger.mlp.2.bias", ("visual", "merger_fc2", "bias"), None,
@@ -106,7 +112,7 @@ def _vision_specs(cfg: ModelConfig, vp: str) -> Iterator[TensorSpec]:
 
 
 def to_ours(spec: TensorSpec, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """HF tensor -> our parameter slice of `shape` (torch Linear [out, in] -> kernel [in..., out...])."""
+  """HF tensor -> our parameter (slice) of `shape`; torch Linear [out, in] -> kernel [in, out]."""
   if spec.n_in is None:
     return x.reshape(shape)
   return x.reshape(x.shape[0], -1).T.reshape(shape)
@@ -190,7 +196,8 @@ def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32
   for spec in specs:
     var = flat[spec.path]
     full_shape, axes = var.get_value().shape, sharding.variable_axes(var)
-    put_shape, put_axes = (full_shape[1:], axes[1:]) if spec.layer is not None else (full_shape, axes)
+    stacked = spec.layer is not None
+    put_shape, put_axes = (full_shape[1:], axes[1:]) if stacked else (full_shape, axes)
     x = to_ours(spec, ckpt.read(spec), put_shape).astype(pdtype)
     piece = _place(x, put_axes, mesh)
     if spec.layer is None:
@@ -227,8 +234,8 @@ def _update_layer(full: jax.Array, piece: jax.Array, i: jax.Array) -> jax.Array:
 _set_layer = jax.jit(_update_layer, donate_argnums=0)
 
 
-def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16", base_config: dict | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16",
+            base_config: dict | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `model` as a Hugging Face directory (hub key layout) that transformers loads.
 
   Tensors are gathered to the host one at a time and written in shards of at most

@@ -94,14 +94,15 @@ class QwenVL(nnx.Module):
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
     return sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
 
+  def unembedding(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (tied to `embed`, or `lm_head`)."""
+    w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+    return w.astype(self.cfg.compute_dtype)
+
   def logits(self, h_btd: jax.Array) -> jax.Array:
-    """Unembedding (tied to `embed` or a separate `lm_head`); float32 [..., V]."""
-    if self.lm_head is None:
-      w = self.embed[...].astype(self.cfg.compute_dtype)
-      out = jnp.einsum("...d,vd->...v", h_btd.astype(self.cfg.compute_dtype), w)
-    else:
-      out = self.lm_head(h_btd)
-    return out.astype(jnp.float32)
+    """Float32 logits [..., V] of hidden states."""
+    return jnp.dot(h_btd.astype(self.cfg.compute_dtype), self.unembedding(),
+                   preferred_element_type=jnp.float32)
 
   def prefill(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
               max_len: int, **kw) -> ModelOutput:

@@ -42,7 +42,10 @@ def _grow(x: jax.Array, axis: int, new_size: int, ids: Sequence[int], num_traine
 
 def add_token_rows(model: QwenVL, token_ids: Sequence[int], num_trained_rows: int) -> QwenVL:
   """Sets (and if needed appends) the rows of `token_ids` to the mean of the first
-  `num_trained_rows` rows, in `embed` and in the untied `lm_head`; updates `model.cfg`."""
+  `num_trained_rows` rows, in `embed` and in the untied `lm_head`; updates `model.cfg`.
+
+  Raises ValueError when `num_trained_rows` exceeds the model's vocab_size (a tokenizer bigger than
+  the checkpoint's embedding)."""
   if not token_ids:
     return model
   cfg = model.cfg
@@ -50,8 +53,6 @@ def add_token_rows(model: QwenVL, token_ids: Sequence[int], num_trained_rows: in
     # E.g. a tokenizer with more tokens than the checkpoint has embedding rows: the wrong pair.
     raise ValueError(f"num_trained_rows={num_trained_rows} must be in [1, {cfg.text.vocab_size}] "
                      f"(the model's vocab_size); is the tokenizer that of this checkpoint?")
-  if min(token_ids) < 0:
-    raise ValueError(f"negative token id in {list(token_ids)}")
   new_size = max(cfg.text.vocab_size, max(token_ids) + 1)
   model.embed.set_value(_grow(model.embed[...], 0, new_size, token_ids, num_trained_rows,
                               sharding.variable_axes(model.embed)))
