@@ -326,6 +326,19 @@ def test_unexpected_tensor_is_named(ckpts, tmp_path):
     load_hf(broken, dtype="float32")
 
 
+def test_tied_checkpoint_may_store_the_shared_matrix_twice(ckpts, tmp_path):
+  src = ckpts.get(SRC_FAMILY, tie=True)
+  tensors = read_tensors(src)
+  tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+  copy = write_checkpoint(str(tmp_path / "copy"), src, tensors)
+  assert_same_params(params(load_hf(copy, dtype="float32")[0]),
+                     params(load_hf(src, dtype="float32")[0]))
+  tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1
+  differs = write_checkpoint(str(tmp_path / "differs"), src, tensors)
+  with pytest.raises(ValueError, match="lm_head.weight differs"):
+    load_hf(differs, dtype="float32")
+
+
 def test_missing_files_are_named(ckpts, tmp_path):
   no_config = str(tmp_path / "no_config")
   os.makedirs(no_config)

@@ -33,7 +33,8 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **overrid
   text = dict(hf.get("text_config") or hf)
   if text.get("use_sliding_window"):
     raise ValueError(f"{source}: use_sliding_window=true is not supported")
-  rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {})
+  rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling")
+              or {})
   theta = rope.get("rope_theta", text.get("rope_theta", hf.get("rope_theta", 1000000.0)))
   if "mrope_section" not in rope:
     raise ValueError(f"{source}: no mrope_section in rope_parameters / rope_scaling")
@@ -61,8 +62,8 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **overrid
                           window_size=v.get("window_size", 112),
                           fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
                           **common)
-  ids = {k: hf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                             "vision_end_token_id") if k in hf}
+  names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+  ids = {k: hf[k] for k in names if k in hf}
   return ModelConfig(family=family, text=text_cfg, vision=vision, **ids, **overrides)
 
 
@@ -79,7 +80,7 @@ def to_hf_config(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[s
                         "rope_theta": t.rope_theta},
   }
   vision = {
-    "model_type": f"{cfg.family}_vision" if cfg.family == "qwen2_5_vl" else "qwen2_vl",
+    "model_type": f"{cfg.family}_vision",
     "depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
     "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
     "in_channels": v.in_channels, "hidden_act": v.act,

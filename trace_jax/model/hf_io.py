@@ -185,7 +185,11 @@ def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32
                        dtype=dtype, param_dtype=param_dtype)
   ckpt = _Checkpoint(hf_dir)
   specs = list(tensor_specs(cfg, ckpt.layout()))
-  unexpected = sorted(set(ckpt.where) - {s.hf_name for s in specs})
+  unexpected = set(ckpt.where) - {s.hf_name for s in specs}
+  if cfg.text.tie_embeddings and "lm_head.weight" in unexpected:
+    _check_tied_copy(ckpt, specs[0])  # Some tied checkpoints also store the shared matrix.
+    unexpected.discard("lm_head.weight")
+  unexpected = sorted(unexpected)
   if unexpected:
     raise ValueError(f"{ckpt.index_name}: unexpected tensors not in a {cfg.family} model: "
                      f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
@@ -211,6 +215,14 @@ def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32
       raise KeyError(f"{hf_dir}: no checkpoint tensor fills parameter {'/'.join(map(str, path))}")
     flat[path] = var.replace(values[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+
+
+def _check_tied_copy(ckpt: "_Checkpoint", embed: TensorSpec) -> None:
+  """A tied checkpoint may store lm_head.weight too; accept it only if it is the same matrix."""
+  head = ckpt.read(dataclasses.replace(embed, hf_name="lm_head.weight"))
+  if not np.array_equal(head, ckpt.read(embed)):
+    raise ValueError(f"{ckpt.index_name}: tie_word_embeddings is true but lm_head.weight differs "
+                     f"from {embed.hf_name}")
 
 
 def _place(x: np.ndarray, axes, mesh) -> jax.Array:
