@@ -101,6 +101,15 @@ def base_config() -> ml_collections.ConfigDict:
   # GradCache micro-batches per step (1 = one shot); the negatives stay the global batch.
   c.optim.micro_batches = 1
 
+  c.data = ml_collections.ConfigDict()
+  # Global batch (queries per step; each brings one candidate, the negatives of all others).
+  c.data.global_batch = 1024
+  # Static bucket shapes: query tokens (instruction + prompt + image + reasoning + <|emb|>),
+  # candidate tokens, and the (t, h, w) patch grid every image of a bucket is resized to.
+  c.data.query_len = 512
+  c.data.cand_len = 192
+  c.data.image_grid = (1, 16, 16)
+
   c.ckpt = ml_collections.ConfigDict()
   # A Hugging Face directory or an Orbax checkpoint from tools/import_hf to start from ("" = none).
   c.ckpt.init_from = ""

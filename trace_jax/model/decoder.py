@@ -123,7 +123,7 @@ class Decoder(nnx.Module):
         return layer.block(x, cos, sin, mask, key=key)[0], None
 
       x, _ = scan_layers(self.layers, body, x_btd, keys, self.cfg.remat)
-      return self.norm(x), None
+      return self._final_norm(x), None
 
     slots = cache.valid_bs.shape[1]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
@@ -139,4 +139,7 @@ class Decoder(nnx.Module):
     last_pos = jnp.max(jnp.where(valid_bt[None], positions_3bt, -1), axis=(0, 2))
     next_pos = jnp.where(jnp.any(valid_bt, axis=1), last_pos + 1, cache.next_position_b)
     new_cache = KVCache(k_all, v_all, valid, cache.index + n, next_pos.astype(jnp.int32))
-    return self.norm(x), new_cache
+    return self._final_norm(x), new_cache
+
+  def _final_norm(self, x_btd):
+    return sharding.constrain(self.norm(x_btd), ("act_batch", "act_len", "act_embed"))

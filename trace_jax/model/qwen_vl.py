@@ -91,7 +91,10 @@ class QwenVL(nnx.Module):
     return ModelOutput(self.logits(h) if return_logits else None, h, cache)
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
+    # Gather the FSDP-sharded width first (as every FSDP weight is), keep vocab split: a lookup
+    # from a width-sharded table would otherwise fight the batch sharding of the output.
+    table = sharding.constrain(self.embed[...].astype(self.cfg.compute_dtype), ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0)
     return sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
 
   def unembedding(self) -> jax.Array:

@@ -113,4 +113,5 @@ class VisionTower(nnx.Module):
     x, _ = scan_layers(self.blocks, body, x, jnp.asarray(is_full), self.cfg.remat)
     x = self.merger_norm(x).reshape(b, p // unit, unit, v.width)
     x = self.merger_fc2(jax.nn.gelu(self.merger_fc1(x), approximate=False))
-    return jnp.take(x, layout.reverse_index, axis=1)
+    x = jnp.take(x, layout.reverse_index, axis=1)
+    return sharding.constrain(x, ("act_batch", "act_patches", "act_embed"))

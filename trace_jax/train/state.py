@@ -48,9 +48,9 @@ def is_trainable(lora_rank: int):
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
   """AdamW with linear warmup and cosine decay, weight decay on matrices only, and clipping."""
-  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  warmup = max(min(optim.warmup_steps, total_steps - 1), 1)
   schedule = optax.warmup_cosine_decay_schedule(
-    0.0, optim.lr, warmup_steps=max(warmup, 1), decay_steps=max(total_steps, warmup + 1),
+    0.0, optim.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
     end_value=optim.lr * optim.final_lr_fraction)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
   tx = optax.chain(

@@ -136,10 +136,12 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
                 vision_layout=b.get("layout"), return_logits=False,
                 dropout_rng=keys[i]).hidden_states
       idx = readout_index(b["ids"], cfg.readout, cfg.emb_token_id, cfg.eor_token_id)
-      out[side] = _normalize(jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0])
+      emb = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+      out[side] = _normalize(sharding.constrain(emb, ("act_batch", "act_embed")))
       if side == "query":
         pos, tgt, w, dropped = target_slots(b["ids"], b["target_mask"], cfg.max_target_tokens)
-        h_sel = jnp.take_along_axis(h, pos[..., None], axis=1)
+        h_sel = sharding.constrain(jnp.take_along_axis(h, pos[..., None], axis=1),
+                                   ("act_batch", None, "act_embed"))
         lm_sum, lm_count = losses.lm_loss(h_sel.reshape(-1, h.shape[-1]), model.unembedding(),
                                           tgt.reshape(-1), w.reshape(-1), cfg.vocab_chunk)
         out.update(lm_sum=lm_sum, lm_count=lm_count, dropped=dropped)

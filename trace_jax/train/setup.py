@@ -1,0 +1,85 @@
+"""From an experiment config to the pieces of training: the model maker (with LoRA), the step
+config, the optimizer, and the train state and batch as shapes with shardings (what ahead-of-time
+compilation and sharded initialisation need). It runs no step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from trace_jax import sharding
+from trace_jax.model import factory
+from trace_jax.model.lora import apply_lora
+from trace_jax.model.positions import vision_layout
+from trace_jax.model.qwen_vl import QwenVL
+from trace_jax.train import state as state_lib
+from trace_jax.train import step as step_lib
+
+
+def make_model_fn(config) -> Callable[[], QwenVL]:
+  """A function that builds the config's model, with LoRA adapters when `lora.rank > 0`."""
+  cfg = factory.model_config(config)
+
+  def make() -> QwenVL:
+    model = QwenVL(cfg, rngs=nnx.Rngs(config.seed))
+    if config.lora.rank:
+      apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
+                 dropout=config.lora.dropout, targets=tuple(config.lora.targets),
+                 rngs=nnx.Rngs(config.seed + 1))
+    return model
+  return make
+
+
+def optimizer(config):
+  return state_lib.make_optimizer(config.optim, max(config.total_steps, 1))
+
+
+def abstract_state(config, mesh):
+  """(graphdef, TrainState of ShapeDtypeStructs carrying their shardings, tx, schedule)."""
+  make = make_model_fn(config)
+  tx, schedule = optimizer(config)
+  kw = dict(lora_rank=config.lora.rank, temperature=config.loss.temperature,
+            learn_temperature=config.loss.learn_temperature)
+  graphdef, _, _ = state_lib.split_model(nnx.eval_shape(make), config.lora.rank)
+  shapes = jax.eval_shape(lambda: state_lib.init_state(make(), tx, **kw)[1])
+  shard = lambda tree: sharding.state_shardings(tree, mesh)  # noqa: E731
+  params_sh = {k: (shard(v) if k == "model" else sharding.replicated(mesh))
+               for k, v in shapes.params.items()}
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, params_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh),
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = state_lib.TrainState(sharding.replicated(mesh), params_sh, shard(shapes.frozen),
+                                   opt_sh)
+  return graphdef, with_shardings(shapes, shardings), tx, schedule
+
+
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` carrying the matching leaf of `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def abstract_batch(config, mesh) -> dict:
+  """The shapes (with shardings) of one global batch of the config's bucket: queries with a
+  reasoning target and an image, and candidates with an image."""
+  cfg = factory.model_config(config)
+  b, grid = config.data.global_batch, tuple(config.data.image_grid)
+  patches = int(np.prod(grid))
+  layout = vision_layout(np.array([grid]), cfg.vision, windowed=cfg.family == "qwen2_5_vl")
+  batch = {"query_is_reasoning": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  for side, t in (("query", config.data.query_len), ("cand", config.data.cand_len)):
+    batch.update({
+      f"{side}_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      f"{side}_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      f"{side}_positions": jax.ShapeDtypeStruct((3, b, t), jnp.int32),
+      f"{side}_pixels": jax.ShapeDtypeStruct((b, patches, cfg.vision.patch_dim), jnp.float32),
+      f"{side}_layout": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), layout),
+    })
+  batch["query_target_mask"] = jax.ShapeDtypeStruct((b, config.data.query_len), jnp.int32)
+  return with_shardings(batch, step_lib.batch_shardings(batch, mesh))
