@@ -95,13 +95,14 @@ def compile_step(config, topology: str):
   devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                             devices=devices)
-  with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES), jax.set_mesh(mesh):
+  with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):
     graphdef, state, tx, schedule = setup.abstract_state(config, mesh)
     batch = setup.abstract_batch(config, mesh)
     step = step_lib.make_train_step(graphdef, step_lib.StepConfig.from_config(config), tx,
                                     schedule, mesh, jax.tree.map(lambda x: x.sharding, state),
                                     batch)
-    compiled = step.lower(state, batch).compile()
+    with jax.set_mesh(mesh):
+      compiled = step.lower(state, batch).compile()
   return compiled, mesh, chip, factory.model_config(config)
 
 
