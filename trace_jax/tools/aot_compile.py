@@ -125,6 +125,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No TPU metadata server on this host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to lock.
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)
