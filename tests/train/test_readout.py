@@ -1,0 +1,36 @@
+"""Where the embedding is read and which positions carry the LM loss."""
+
+import numpy as np
+
+from trace_jax.train.step import readout_index, split_micro, target_slots
+
+EMB, EOR = 9, 8
+
+
+def test_readout_modes():
+  ids = np.array([[1, 2, 3, EMB, 0, 0],       # direct: <|emb|> right after the prompt
+                  [1, 2, 4, EOR, 5, EMB],     # reasoning with an end-of-reasoning marker
+                  [1, 2, 4, 5, EMB, 0]])      # reasoning without the marker
+  np.testing.assert_array_equal(readout_index(ids, "pre_token", EMB, EOR), [2, 4, 3])
+  np.testing.assert_array_equal(readout_index(ids, "emb", EMB, EOR), [3, 5, 4])
+  np.testing.assert_array_equal(readout_index(ids, "end_of_reasoning", EMB, EOR), [2, 3, 3])
+
+
+def test_target_slots_shift_and_overflow():
+  ids = np.array([[1, 2, 3, 4, EMB], [1, 2, EMB, 0, 0]])
+  target = np.array([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
+  pos, tgt, w, dropped = target_slots(ids, target, 2)
+  # Token t is predicted at position t - 1; row 0 has 3 targets, 2 slots: one dropped, counted.
+  np.testing.assert_array_equal(pos[0], [1, 2])
+  np.testing.assert_array_equal(tgt[0], [3, 4])
+  np.testing.assert_array_equal(w, [[1, 1], [1, 0]])
+  np.testing.assert_array_equal(tgt[1][:1], [EMB])
+  assert int(dropped) == 1
+
+
+def test_split_micro_interleaves_rows():
+  batch = {"query_ids": np.arange(8)[:, None] * np.ones((1, 3), int),
+           "query_positions": np.zeros((3, 8, 3), int)}
+  micro = split_micro(batch, 2)
+  np.testing.assert_array_equal(micro["query_ids"][:, :, 0], [[0, 2, 4, 6], [1, 3, 5, 7]])
+  assert micro["query_positions"].shape == (2, 3, 4, 3)
