@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0
   # GradCache micro-batches per step (1 = one shot); the negatives stay the global batch.
   c.optim.micro_batches = 1

@@ -14,13 +14,15 @@ from trace_jax.model.lora import apply_lora
 from trace_jax.train import state as state_lib
 from trace_jax.train.step import StepConfig, make_train_step
 
-OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=1, final_lr_fraction=0.1, weight_decay=0.01,
-                        b1=0.9, b2=0.99, grad_clip=1.0))
+# No warmup, so every step updates. Adam's first updates are about lr * sign(g): with the default
+# eps a near-zero gradient's float noise would flip whole updates between meshes; eps=1e-3 keeps
+# the update linear in such gradients so that parameters can be compared tightly.
+OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, final_lr_fraction=0.1, weight_decay=0.01,
+                        b1=0.9, b2=0.99, eps=1e-3, grad_clip=1.0))
 
 
-def build(mesh, *, lora_rank=4, steps=3, **step_kw):
-  # The learning rate warms up from 0 at step 0: three steps make the last metrics and the
-  # parameters depend on two real updates.
+def build(mesh, *, lora_rank=4, steps=2, **step_kw):
+  # Two steps: the last metrics and the parameters depend on real updates.
   """A LoRA tiny model born sharded on `mesh`, its state and jitted step, and a batch."""
   cfg = tiny.config()
 
@@ -56,7 +58,7 @@ def params_of(st):
 
 @pytest.fixture(scope="module")
 def reference():
-  """Three steps on a single device (1x1x1 mesh)."""
+  """Two steps on a single device (1x1x1 mesh)."""
   return build(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 

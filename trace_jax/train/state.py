@@ -47,16 +47,21 @@ def is_trainable(lora_rank: int):
 
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW with linear warmup and cosine decay, weight decay on matrices only, and clipping."""
-  warmup = max(min(optim.warmup_steps, total_steps - 1), 1)
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0, optim.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-    end_value=optim.lr * optim.final_lr_fraction)
+  """AdamW with linear warmup (none when `warmup_steps` is 0) and cosine decay, weight decay on
+  matrices only, and global-norm clipping."""
+  end = optim.lr * optim.final_lr_fraction
+  warmup = min(optim.warmup_steps, total_steps - 1)
+  if warmup > 0:
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optim.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=end)
+  else:
+    schedule = optax.cosine_decay_schedule(optim.lr, max(total_steps, 1),
+                                           alpha=optim.final_lr_fraction)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
   tx = optax.chain(
     optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
-    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                mask=decay_mask))
+    optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                weight_decay=optim.weight_decay, mask=decay_mask))
   return tx, schedule
 
 

@@ -1,0 +1,69 @@
+"""TRACE's prompts in Qwen2.5-VL's chat template, as token ids.
+
+The query prompt carries the task instruction, the query (text and/or image) and the retrieval
+rule: simple queries answer with `<|emb|>` alone, hard ones first describe the target
+(TRACE.md, "Prompts"). The candidate prompt demands `<|emb|>` only. The rule text names the token
+in words so that the only `<|emb|>` in a sequence is the one the model writes. This module does
+not read images or pad batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trace_jax.data.tokenizer import EMB_TOKEN, Tokenizer
+
+SYSTEM = "You are a helpful assistant."
+QUERY_RULE = ("Embed the query for retrieval. If it is simple, answer with the embedding token "
+              "only. If it is complex, first write a concise description of the target, then the "
+              "embedding token. Write nothing after the embedding token.")
+CANDIDATE_RULE = "Embed this candidate for retrieval. Answer with the embedding token only."
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One sequence: ids, and 1 where a token is a training target (the assistant's answer)."""
+
+  ids: tuple[int, ...]
+  target_mask: tuple[int, ...]
+  prompt_len: int  # Tokens before the answer: what inference prefills.
+
+
+def _user_turn(tok: Tokenizer, text: str, image_tokens: int) -> list[int]:
+  ids = [tok.token_to_id("<|im_start|>")] + tok.encode(f"system\n{SYSTEM}")
+  ids += [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
+  ids += [tok.token_to_id("<|im_start|>")] + tok.encode("user\n")
+  if image_tokens:
+    pad = tok.token_to_id("<|image_pad|>")
+    ids += ([tok.token_to_id("<|vision_start|>")] + [pad] * image_tokens
+            + [tok.token_to_id("<|vision_end|>")])
+  ids += tok.encode(text) + [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
+  return ids + [tok.token_to_id("<|im_start|>")] + tok.encode("assistant\n")
+
+
+def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
+                 reasoning: str | None = None) -> Encoded:
+  """The query prompt, then the target: `reasoning <|emb|>` or `<|emb|>` alone.
+
+  Args:
+    query_text: the task instruction followed by the query text (may be only the instruction).
+    image_tokens: number of `<|image_pad|>` tokens (merged patches) of the query image, or 0.
+    reasoning: the teacher's text with its tags stripped, or None for a direct example.
+  """
+  prompt = _user_turn(tok, f"{query_text}\n{QUERY_RULE}" if query_text else QUERY_RULE,
+                      image_tokens)
+  target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
+  return Encoded(tuple(prompt + target), (0,) * len(prompt) + (1,) * len(target), len(prompt))
+
+
+def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int) -> Encoded:
+  """The candidate prompt followed by `<|emb|>` (never reasoning: TRACE.md, "Model")."""
+  body = f"{text}\n{CANDIDATE_RULE}" if text else CANDIDATE_RULE
+  prompt = _user_turn(tok, body, image_tokens)
+  return Encoded(tuple(prompt + [tok.emb_id]), (0,) * (len(prompt) + 1), len(prompt))
+
+
+def required_tokens() -> tuple[str, ...]:
+  """Special tokens a tokenizer must have for these prompts (user symbols for SentencePiece)."""
+  return SPECIAL + (EMB_TOKEN,)
