@@ -65,7 +65,7 @@ def test_eval_tasks_table():
   assert by_name["oven_task6"].qrels_file == "qrels/test/mbeir_oven_task6_test_qrels.txt"
   assert by_name["infoseek_task6"].dataset_id == 6
   assert mbeir.DATASET_IDS["MSCOCO"] == 9 and mbeir.DATASET_IDS["CIRR"] == 8
-  assert sorted(mbeir.DATASET_IDS.values()) == list(range(10))
+  assert sorted(mbeir.DATASET_IDS.values()) == list(range(11))  # 10: the generated demo world.
   assert 5 not in {t.task_id for t in mbeir.EVAL_TASKS}
 
 

@@ -35,6 +35,8 @@ DATASET_IDS: dict[str, int] = {
     "FashionIQ": 7,
     "CIRR": 8,
     "MSCOCO": 9,
+    # Not M-BEIR: the generated demo world (trace_jax/data/synthetic.py) in the same format.
+    "Synthetic": 10,
 }
 
 # UniIR `MBEIR_TASK`, inverted: task id -> (query modality, candidate modality). Task 5

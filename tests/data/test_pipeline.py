@@ -1,0 +1,126 @@
+"""The Grain pipeline: static padded batches, determinism, exact resume, task mixing, process
+sharding, bad examples, workers, and a real train step on its output."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from tests.data import pipeline_fixture as fx
+from trace_jax import sharding
+from trace_jax.data.pipeline import SKIPPED, Buckets, make_dataset, to_global
+from trace_jax.data.transforms import BadExampleError, Shapes, ToArrays
+from trace_jax.model import QwenVL
+from trace_jax.train import state as state_lib
+from trace_jax.train.step import StepConfig, make_train_step
+
+SHAPES = Shapes(256, 160, (1, 4, 4))
+BUCKETS = Buckets((192, 256), (96, 128, 160))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return fx.tokenizer(str(tmp_path_factory.mktemp("sp")))
+
+
+def dataset(tok, examples=None, on_bad="error", **kw):
+  to_arrays = ToArrays(tok, fx.model_config(tok), SHAPES, fx.ROOT, on_bad_example=on_bad)
+  kw.setdefault("batch_size", 4)
+  kw.setdefault("seed", 0)
+  return make_dataset(examples or fx.examples(), to_arrays, BUCKETS, **kw)
+
+
+def take(ds, n):
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def test_batches_are_padded_and_deterministic(tok):
+  a, b = take(dataset(tok), 3), take(dataset(tok), 3)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  batch = a[0]
+  assert batch["query_ids"].shape[1] in BUCKETS.query and batch["cand_ids"].shape[1] in BUCKETS.cand
+  assert batch["query_pixels"].shape == (4, 16, 1176)
+  lengths = batch["query_mask"].sum(1)
+  for i, n in enumerate(lengths):  # The target ends each query with <|emb|>; padding after.
+    assert batch["query_ids"][i, n - 1] == tok.emb_id and batch["query_target_mask"][i, n - 1]
+    assert not batch["query_mask"][i, n:].any()
+  other_seed = take(dataset(tok, seed=1), 1)[0]
+  assert not np.array_equal(other_seed["query_ids"], batch["query_ids"])
+
+
+def test_resume_from_iterator_state(tok):
+  it = iter(dataset(tok))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = next(it)
+  fresh = iter(dataset(tok))
+  fresh.set_state(state)
+  got = next(fresh)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_task_weights_and_one_task_per_batch(tok):
+  only_7 = take(dataset(tok, task_weights={0: 0.0, 3: 0.0, 6: 0.0, 7: 1.0}), 2)
+  assert all((b["task_id"] == 7).all() for b in only_7)
+  for b in take(dataset(tok, one_task_per_batch=True), 6):
+    assert len(set(b["task_id"].tolist())) == 1
+  with pytest.raises(ValueError, match="no examples"):
+    dataset(tok, task_weights={5: 1.0})
+
+
+def test_processes_get_disjoint_examples(tok):
+  def seen(pi):  # An example is its tokens plus its images (task-3 queries share their text).
+    batches = take(dataset(tok, process_index=pi, process_count=2, batch_size=2), 6)
+    return {(tuple(ids), q.tobytes(), c.tobytes()) for b in batches
+            for ids, q, c in zip(b["query_ids"].tolist(), b["query_pixels"], b["cand_pixels"])}
+  assert not seen(0) & seen(1)
+
+
+def test_bad_examples_error_or_skip(tok):
+  examples = fx.examples(8)
+  examples[1] = dataclasses.replace(examples[1], query_image="mbeir_images/none.jpg")
+  examples[2] = dataclasses.replace(examples[2], cand_text="  ", cand_image=None)
+  examples[3] = dataclasses.replace(examples[3], query_text="long " * 400)
+  with pytest.raises(BadExampleError, match=r"fixture:\d \(query 10:\d\)"):
+    take(dataset(tok, examples, task_weights=None), 4)
+  batches = take(dataset(tok, examples, on_bad="skip", batch_size=2), 8)
+  assert sum(int(b[SKIPPED]) for b in batches) > 0
+
+
+def test_worker_processes_give_the_same_batches(tok):
+  want = take(dataset(tok), 2)
+  got = take(dataset(tok, workers=1), 2)
+  for x, y in zip(got, want):
+    for k in y:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_train_step_on_pipeline_batches(tok, mesh):
+  cfg = fx.model_config(tok)
+  host = take(dataset(tok, batch_size=8), 1)[0]
+  with jax.set_mesh(mesh):
+    model = sharding.create_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)), mesh)
+    optim = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_fraction=0.0, weight_decay=0.0,
+                            b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0))
+    tx, schedule = state_lib.make_optimizer(optim, 10)
+    graphdef, st = state_lib.init_state(model, tx, lora_rank=0, temperature=0.05,
+                                        learn_temperature=False, mesh=mesh)
+    batch = to_global(host, mesh, cfg, SHAPES.image_grid)
+    step = make_train_step(graphdef, StepConfig(emb_token_id=tok.emb_id, vocab_chunk=128,
+                                                max_target_tokens=32),
+                           tx, schedule, mesh, state_lib.shardings_of(st), batch)
+    st, m1 = step(st, batch)
+    st, m2 = step(st, batch)
+  m1, m2 = jax.device_get((m1, m2))
+  assert np.isfinite(m1["loss/total"]) and m2["loss/total"] < m1["loss/total"]
+  assert m1["lm/target_tokens"] == host["query_target_mask"].sum()
+  assert m1["route/reason_frac"] == host["query_is_reasoning"].mean()

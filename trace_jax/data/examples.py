@@ -1,0 +1,72 @@
+"""Training examples: one query, its TRACE target and one positive candidate, as plain records.
+
+`build_examples` joins M-BEIR queries, their candidate pool, the instruction table and an
+M-BEIR-CoT file into `TrainExample`s; they serialise to JSON (images by path) for the Grain source,
+or with image bytes inline for ArrayRecord shards. Turning an example into token ids and pixels is
+`transforms.py`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any
+
+from trace_jax.data import cot as cot_lib
+from trace_jax.data import mbeir
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+  example_id: str  # "<query file>:<line>", unique and stable: errors and skips name it.
+  qid: str
+  task_id: int
+  query_text: str  # UniIR-formatted instruction followed by the query text.
+  query_image: str | None  # Path relative to the M-BEIR root.
+  reasoning: str | None  # The teacher's text with its tags stripped; None for direct examples.
+  cand_id: str
+  cand_text: str | None
+  cand_image: str | None
+
+  @property
+  def is_reasoning(self) -> bool:
+    return self.reasoning is not None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainExample":
+    return cls(**d)
+
+
+def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
+                   instructions: mbeir.InstructionTable,
+                   cot: dict[str, cot_lib.CoTRecord] | None = None, *,
+                   instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
+  """Examples of one query file; the positive is the first of `pos_cand_list`.
+
+  Every query must have its positive in `pool` and, when `cot` is given, a CoT record (a missing
+  one is an error naming the file and query id: nothing is dropped silently).
+  """
+  rng = random.Random(seed)
+  out = []
+  name = os.path.basename(query_file)
+  for line, record in mbeir.read_jsonl(query_file):
+    where = f"{query_file}:{line}"
+    query = mbeir.parse_query(record, where)
+    did = query.pos_cand_list[0]
+    if did not in pool:
+      raise KeyError(f"{where}: positive candidate {did} of query {query.qid} is not in the pool")
+    cand = pool[did]
+    text = mbeir.query_text_with_instruction(query, cand.modality, instructions,
+                                             mode=instruction_mode, rng=rng)
+    reasoning = None
+    if cot is not None:
+      if query.qid not in cot:
+        raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file")
+      reasoning = cot_lib.training_target(cot[query.qid])
+    out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
+                            reasoning, did, cand.text, cand.image_path))
+  return out

@@ -1,0 +1,157 @@
+"""The Grain training pipeline: examples -> shuffled, task-mixed, per-process, padded host batches
+-> global `jax.Array`s.
+
+Order of operations: per-task source -> deterministic seeded shuffle (reshuffled each epoch) ->
+repeat -> task mixture (`data.task_weights`; or whole batches of one task with
+`data.one_task_per_batch`) -> shard by JAX process -> `ToArrays` (decode, tokenize, positions) ->
+drop-and-count skipped bad examples -> batch and pad into a length bucket -> global arrays.
+
+Buckets: a batch is padded to the smallest of `data.query_buckets` (and `data.cand_buckets`) that
+holds its longest sequence, so the train step compiles at most len(query) x len(cand) programs;
+images are always resized to the one `data.image_grid`. The iterator's state (`get_state` /
+`set_state`, or Orbax via grain's checkpoint handler) restores the exact next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from trace_jax.data.examples import TrainExample
+from trace_jax.data.transforms import BAD, ToArrays
+from trace_jax.model.positions import vision_layout
+from trace_jax.train import step as step_lib
+
+SKIPPED = "data/skipped_examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  query: tuple[int, ...]
+  cand: tuple[int, ...]
+
+  @staticmethod
+  def pick(length: int, sizes: tuple[int, ...]) -> int:
+    for size in sorted(sizes):
+      if length <= size:
+        return size
+    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {max(sizes)}")
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+  """Drops `BAD` markers, adding how many were dropped to the next good element."""
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if BAD not in element:
+        return dict(element, **{SKIPPED: np.int32(skipped)})
+      skipped += 1
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class _SkipBad(grain.IterDataset):
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__())
+
+
+def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets) -> dict[str, np.ndarray]:
+  """Stacks examples, padding token fields to the batch's bucket (pad id 0, mask 0)."""
+  out: dict[str, np.ndarray] = {}
+  for side, sizes in (("query", buckets.query), ("cand", buckets.cand)):
+    lengths = [len(e[f"{side}_ids"]) for e in examples]
+    t = Buckets.pick(max(lengths), sizes)
+    b = len(examples)
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    positions = np.zeros((3, b, t), np.int32)
+    target = np.zeros((b, t), np.int32)
+    for i, (e, n) in enumerate(zip(examples, lengths)):
+      ids[i, :n], mask[i, :n] = e[f"{side}_ids"], 1
+      positions[:, i, :n] = e[f"{side}_positions"]
+      if side == "query":
+        target[i, :n] = e["query_target_mask"]
+    out.update({f"{side}_ids": ids, f"{side}_mask": mask, f"{side}_positions": positions,
+                f"{side}_pixels": np.stack([e[f"{side}_pixels"] for e in examples])})
+    if side == "query":
+      out["query_target_mask"] = target
+  for key in ("query_is_reasoning", "task_id"):
+    out[key] = np.asarray([e[key] for e in examples], np.int32)
+  out[SKIPPED] = np.int32(sum(int(e[SKIPPED]) for e in examples))
+  return out
+
+
+def _task_source(records: list[dict], seed: int, process_index: int, process_count: int):
+  """This process's fixed share of one task, shuffled anew each epoch, repeated forever."""
+  share = grain.MapDataset.source(records)[process_index::process_count]
+  if not len(share):
+    raise ValueError(f"process {process_index} of {process_count} gets no example of a task "
+                     f"with {len(records)} examples")
+  return share.shuffle(seed=seed).repeat()
+
+
+def make_dataset(examples: Sequence[TrainExample], to_arrays: ToArrays, buckets: Buckets, *,
+                 batch_size: int, seed: int, task_weights: dict[int, float] | None = None,
+                 one_task_per_batch: bool = False, process_index: int = 0,
+                 process_count: int = 1, workers: int = 0) -> grain.IterDataset:
+  """An endless dataset of this process's padded host batches (`batch_size` rows each).
+
+  Args:
+    task_weights: sampling weight per task id (default: proportional to the task's size).
+    one_task_per_batch: draw whole batches from one task at a time, by `task_weights`.
+    workers: Grain worker processes (0: decode in this process).
+  """
+  by_task: dict[int, list[dict]] = {}
+  for ex in examples:
+    by_task.setdefault(ex.task_id, []).append(ex.to_dict())
+  tasks = sorted(by_task)
+  unknown = set(task_weights or {}) - set(tasks)
+  if unknown:
+    raise ValueError(f"data.task_weights names tasks {sorted(unknown)} that have no examples")
+  weight = {t: float((task_weights or {}).get(t, 0.0 if task_weights else len(by_task[t])))
+            for t in tasks}
+  tasks = [t for t in tasks if weight[t] > 0]  # A zero weight leaves the task out.
+  if not tasks:
+    raise ValueError("data.task_weights gives every task weight 0")
+  weights = [weight[t] for t in tasks]
+  sources = [_task_source(by_task[t], seed + t, process_index, process_count) for t in tasks]
+  batch = dict(batch_size=batch_size, drop_remainder=True,
+               batch_fn=lambda xs: pad_batch(xs, buckets))
+  if one_task_per_batch:
+    streams = [_SkipBad(s.map(to_arrays).to_iter_dataset()).batch(**batch) for s in sources]
+    ds = grain.IterDataset.mix(streams, weights)
+  else:
+    mixed = grain.MapDataset.mix(sources, weights).map(to_arrays)
+    ds = _SkipBad(mixed.to_iter_dataset()).batch(**batch)
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain 0.2.18 workers read absl flags (upstream bug).
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def to_global(host_batch: dict[str, np.ndarray], mesh, model_cfg, image_grid) -> dict:
+  """This process's rows -> global `jax.Array`s sharded like the train step expects, plus the
+  (replicated) vision layout of the bucket's image grid for both sides."""
+  layout = vision_layout(np.asarray([image_grid]), model_cfg.vision,
+                         windowed=model_cfg.family == "qwen2_5_vl")
+  batch = {k: v for k, v in host_batch.items() if k not in (SKIPPED, "task_id")}
+  batch.update(query_layout=layout, cand_layout=layout)
+  shardings = step_lib.batch_shardings(batch, mesh)
+
+  def one(x, sharding):
+    if sharding.spec == jax.sharding.PartitionSpec():
+      return jax.device_put(np.asarray(x), sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  return jax.tree.map(one, batch, shardings)

@@ -1,0 +1,99 @@
+"""Per-example Grain transform: a `TrainExample` -> token ids, masks, M-RoPE positions, pixels.
+
+Images are resized to the bucket's fixed patch grid (every image of a bucket shares one grid, so
+batches have static shapes). A bad example (missing or unreadable image, text longer than the
+longest bucket, empty candidate) raises `BadExampleError` naming the example id, or with
+`on_bad_example="skip"` becomes a marker that the pipeline drops and counts. Padding and batching
+are in `pipeline.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from trace_jax.data import image as image_lib
+from trace_jax.data import prompts
+from trace_jax.data.examples import TrainExample
+from trace_jax.data.tokenizer import Tokenizer
+from trace_jax.model.config import ModelConfig
+from trace_jax.model.positions import rope_index
+
+BAD = "bad_example"  # Key of the marker a skipped example turns into.
+
+
+class BadExampleError(ValueError):
+  """An example that cannot become a training sequence; the message starts with its id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """Static sizes: the longest query / candidate bucket and the (t, h, w) patch grid."""
+
+  max_query_len: int
+  max_cand_len: int
+  image_grid: tuple[int, int, int]
+
+  @property
+  def patches(self) -> int:
+    return int(np.prod(self.image_grid))
+
+
+class ToArrays(grain.transforms.Map):
+  """TrainExample dict -> unpadded arrays of one example (see module docstring)."""
+
+  def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, shapes: Shapes, root: str,
+               on_bad_example: str = "error"):
+    if on_bad_example not in ("error", "skip"):
+      raise ValueError(f"data.on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
+    self.tok, self.cfg, self.shapes, self.root = tokenizer, model_cfg, shapes, root
+    self.on_bad_example = on_bad_example
+
+  def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    ex = TrainExample.from_dict(record)
+    try:
+      return self._arrays(ex)
+    except (OSError, ValueError) as e:
+      reason = f"{ex.example_id} (query {ex.qid}): {e}"
+      if self.on_bad_example == "skip":
+        return {BAD: reason}
+      raise BadExampleError(reason) from e
+
+  def _pixels(self, path: str | None) -> tuple[np.ndarray, int]:
+    """Pixels [P, C] of the image at the bucket grid and its merged-token count (0: none)."""
+    s = self.shapes
+    if path is None:
+      return np.zeros((s.patches, self.cfg.vision.patch_dim), np.float32), 0
+    full = os.path.join(self.root, path)
+    if not os.path.exists(full):
+      raise FileNotFoundError(f"image not found: {full}")
+    pixels, _ = image_lib.resize_to_grid(full, s.image_grid[1:])
+    return pixels, s.patches // self.cfg.vision.spatial_merge_size**2
+
+  def _side(self, enc: prompts.Encoded, n_img: int, limit: int, what: str) -> dict[str, Any]:
+    if len(enc.ids) > limit:
+      raise ValueError(f"{what} has {len(enc.ids)} tokens, more than the maximum {limit}")
+    ids = np.asarray(enc.ids, np.int32)
+    grid = np.asarray([self.shapes.image_grid]) if n_img else None
+    positions = rope_index(ids[None], None, grid, self.cfg)[:, 0]
+    return {"ids": ids, "target_mask": np.asarray(enc.target_mask, np.int32),
+            "positions": positions}
+
+  def _arrays(self, ex: TrainExample) -> dict[str, Any]:
+    if not (ex.cand_text or "").strip() and ex.cand_image is None:
+      raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
+    q_pixels, q_img = self._pixels(ex.query_image)
+    c_pixels, c_img = self._pixels(ex.cand_image)
+    query = self._side(prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning), q_img,
+                       self.shapes.max_query_len, "query")
+    cand = self._side(prompts.encode_candidate(self.tok, ex.cand_text, c_img), c_img,
+                      self.shapes.max_cand_len, "candidate")
+    out = {f"query_{k}": v for k, v in query.items()}
+    out.update({f"cand_{k}": v for k, v in cand.items() if k != "target_mask"})
+    out.update(query_pixels=q_pixels, cand_pixels=c_pixels,
+               query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id))
+    return out
