@@ -54,24 +54,29 @@ class ToArrays(grain.transforms.Map):
     self.on_bad_example = on_bad_example
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    record = dict(record)
+    inline = {side: record.pop(f"{side}_image_bytes", None) for side in ("query", "cand")}
     ex = TrainExample.from_dict(record)
     try:
-      return self._arrays(ex)
+      return self._arrays(ex, inline)
     except (OSError, ValueError) as e:
       reason = f"{ex.example_id} (query {ex.qid}): {e}"
       if self.on_bad_example == "skip":
         return {BAD: reason}
       raise BadExampleError(reason) from e
 
-  def _pixels(self, path: str | None) -> tuple[np.ndarray, int]:
-    """Pixels [P, C] of the image at the bucket grid and its merged-token count (0: none)."""
+  def _pixels(self, path: str | None, inline: bytes | None) -> tuple[np.ndarray, int]:
+    """Pixels [P, C] of the image (encoded bytes inline, else the file under the root) at the
+    bucket grid, and its merged-token count (0: no image)."""
     s = self.shapes
     if path is None:
       return np.zeros((s.patches, self.cfg.vision.patch_dim), np.float32), 0
-    full = os.path.join(self.root, path)
-    if not os.path.exists(full):
-      raise FileNotFoundError(f"image not found: {full}")
-    pixels, _ = image_lib.resize_to_grid(full, s.image_grid[1:])
+    source = inline
+    if source is None:
+      source = os.path.join(self.root, path)
+      if not os.path.exists(source):
+        raise FileNotFoundError(f"image not found: {source}")
+    pixels, _ = image_lib.resize_to_grid(source, s.image_grid[1:])
     return pixels, s.patches // self.cfg.vision.spatial_merge_size**2
 
   def _side(self, enc: prompts.Encoded, n_img: int, limit: int, what: str) -> dict[str, Any]:
@@ -83,11 +88,11 @@ class ToArrays(grain.transforms.Map):
     return {"ids": ids, "target_mask": np.asarray(enc.target_mask, np.int32),
             "positions": positions}
 
-  def _arrays(self, ex: TrainExample) -> dict[str, Any]:
+  def _arrays(self, ex: TrainExample, inline: dict[str, bytes | None]) -> dict[str, Any]:
     if not (ex.cand_text or "").strip() and ex.cand_image is None:
       raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
-    q_pixels, q_img = self._pixels(ex.query_image)
-    c_pixels, c_img = self._pixels(ex.cand_image)
+    q_pixels, q_img = self._pixels(ex.query_image, inline["query"])
+    c_pixels, c_img = self._pixels(ex.cand_image, inline["cand"])
     query = self._side(prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning), q_img,
                        self.shapes.max_query_len, "query")
     cand = self._side(prompts.encode_candidate(self.tok, ex.cand_text, c_img), c_img,
