@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   # GradCache micro-batches per step (1 = one shot); the negatives stay the global batch.
   c.optim.micro_batches = 1
+  # Train the vision tower too (the paper freezes it; the from-scratch demo cannot).
+  c.optim.train_vision = False
 
   c.data = ml_collections.ConfigDict()
   # Global batch (queries per step; each brings one candidate, the negatives of all others).
@@ -110,10 +112,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.query_len = 512
   c.data.cand_len = 192
   c.data.image_grid = (1, 16, 16)
+  # Smaller padding buckets below query_len / cand_len (each adds one compiled step program).
+  c.data.query_buckets = ()
+  c.data.cand_buckets = ()
+  # An M-BEIR-format root (real M-BEIR, or the demo world generated there when asked).
+  c.data.root = ""
+  c.data.generate_world = False
+  c.data.world_seed = 0
+  c.data.world_train = 4000
+  c.data.world_test = 200
+  # (query file, candidate pool file) pairs under root, and the M-BEIR-CoT file ("" = all direct).
+  c.data.train_files = (("query/union_train/mbeir_union_up_train.jsonl",
+                         "cand_pool/global/mbeir_union_train_cand_pool.jsonl"),)
+  c.data.cot_file = ""
+  # Train on reasoning targets (False: the direct-only ablation, <|emb|> alone for every query).
+  c.data.reasoning = True
+  # Instruction prompt per query: "first" or "random" (UniIR draws one at random).
+  c.data.instruction_mode = "random"
+  # A tokenizer.json (Hugging Face) or .model (SentencePiece); "" = train one on the demo world.
+  c.data.tokenizer = ""
+  c.data.tokenizer_vocab = 512
+  # No system turn and one-line rules (the CPU demo's short sequences); False = full prompts.
+  c.data.compact_prompts = False
+  # Sampling weight per task id, e.g. {"0": 1, "7": 3}; empty = proportional to task size.
+  c.data.task_weights = {}
+  c.data.one_task_per_batch = False
+  # Bad example (missing image, too long, empty candidate): "error" stops with its id; "skip"
+  # drops it and counts it in data/skipped_examples.
+  c.data.on_bad_example = "error"
+  # Grain worker processes decoding images (0 = in the training process).
+  c.data.workers = 0
+  c.data.seed = 0
 
   c.ckpt = ml_collections.ConfigDict()
   # A Hugging Face directory or an Orbax checkpoint from tools/import_hf to start from ("" = none).
   c.ckpt.init_from = ""
+  # Save (asynchronously) every this many steps and at the end; keep the newest `keep`.
+  c.ckpt.every_steps = 500
+  c.ckpt.keep = 3
+
+  c.log = ml_collections.ConfigDict()
+  # Metrics to WORKDIR/metrics.jsonl and a progress line on process 0, every this many steps.
+  c.log.every_steps = 10
   return c
 
 

@@ -172,7 +172,7 @@ def test_length_counts_tokens_of_the_given_tokenizer():
 def test_repetition_rule_thresholds():
   assert cot.repeated_ngram_fraction("a b c d a b c d".split(), 4) == pytest.approx(1 - 4 / 5)
   loop = _sample("the circle is red and " * 5, "a red circle")
-  assert cot.repeated_ngram_fraction(cot._words("the circle is red and " * 5), 4) > 0.5
+  assert cot.repeated_ngram_fraction(("the circle is red and " * 5).split(), 4) > 0.5
   assert cot.check_repetition(loop) == cot.REPETITION
   # A short sentence (< 3 words) may repeat.
   assert cot.check_repetition(_sample("Yes. Yes. " + GOOD_REASONING, GOOD_ANSWER)) is None

@@ -18,6 +18,9 @@ QUERY_RULE = ("Embed the query for retrieval. If it is simple, answer with the e
               "only. If it is complex, first write a concise description of the target, then the "
               "embedding token. Write nothing after the embedding token.")
 CANDIDATE_RULE = "Embed this candidate for retrieval. Answer with the embedding token only."
+# Compact prompts (no system turn, one-line rules) keep the CPU demo's sequences short.
+COMPACT_QUERY_RULE = "Embed the query; describe the target first if it is complex."
+COMPACT_CANDIDATE_RULE = "Embed this."
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
@@ -30,9 +33,11 @@ class Encoded:
   prompt_len: int  # Tokens before the answer: what inference prefills.
 
 
-def _user_turn(tok: Tokenizer, text: str, image_tokens: int) -> list[int]:
-  ids = [tok.token_to_id("<|im_start|>")] + tok.encode(f"system\n{SYSTEM}")
-  ids += [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
+def _user_turn(tok: Tokenizer, text: str, image_tokens: int, compact: bool) -> list[int]:
+  ids = []
+  if not compact:
+    ids += [tok.token_to_id("<|im_start|>")] + tok.encode(f"system\n{SYSTEM}")
+    ids += [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
   ids += [tok.token_to_id("<|im_start|>")] + tok.encode("user\n")
   if image_tokens:
     pad = tok.token_to_id("<|image_pad|>")
@@ -43,24 +48,26 @@ def _user_turn(tok: Tokenizer, text: str, image_tokens: int) -> list[int]:
 
 
 def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
-                 reasoning: str | None = None) -> Encoded:
+                 reasoning: str | None = None, compact: bool = False) -> Encoded:
   """The query prompt, then the target: `reasoning <|emb|>` or `<|emb|>` alone.
 
   Args:
     query_text: the task instruction followed by the query text (may be only the instruction).
     image_tokens: number of `<|image_pad|>` tokens (merged patches) of the query image, or 0.
     reasoning: the teacher's text with its tags stripped, or None for a direct example.
+    compact: no system turn and the one-line rule (`data.compact_prompts`).
   """
-  prompt = _user_turn(tok, f"{query_text}\n{QUERY_RULE}" if query_text else QUERY_RULE,
-                      image_tokens)
+  rule = COMPACT_QUERY_RULE if compact else QUERY_RULE
+  prompt = _user_turn(tok, f"{query_text}\n{rule}" if query_text else rule, image_tokens, compact)
   target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
   return Encoded(tuple(prompt + target), (0,) * len(prompt) + (1,) * len(target), len(prompt))
 
 
-def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int) -> Encoded:
+def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
+                     compact: bool = False) -> Encoded:
   """The candidate prompt followed by `<|emb|>` (never reasoning: TRACE.md, "Model")."""
-  body = f"{text}\n{CANDIDATE_RULE}" if text else CANDIDATE_RULE
-  prompt = _user_turn(tok, body, image_tokens)
+  rule = COMPACT_CANDIDATE_RULE if compact else CANDIDATE_RULE
+  prompt = _user_turn(tok, f"{text}\n{rule}" if text else rule, image_tokens, compact)
   return Encoded(tuple(prompt + [tok.emb_id]), (0,) * (len(prompt) + 1), len(prompt))
 
 

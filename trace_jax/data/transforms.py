@@ -47,11 +47,12 @@ class ToArrays(grain.transforms.Map):
   """TrainExample dict -> unpadded arrays of one example (see module docstring)."""
 
   def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, shapes: Shapes, root: str,
-               on_bad_example: str = "error"):
+               on_bad_example: str = "error", compact_prompts: bool = False):
     if on_bad_example not in ("error", "skip"):
       raise ValueError(f"data.on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
     self.tok, self.cfg, self.shapes, self.root = tokenizer, model_cfg, shapes, root
     self.on_bad_example = on_bad_example
+    self.compact = compact_prompts
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
@@ -93,9 +94,10 @@ class ToArrays(grain.transforms.Map):
       raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
     q_pixels, q_img = self._pixels(ex.query_image, inline["query"])
     c_pixels, c_img = self._pixels(ex.cand_image, inline["cand"])
-    query = self._side(prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning), q_img,
-                       self.shapes.max_query_len, "query")
-    cand = self._side(prompts.encode_candidate(self.tok, ex.cand_text, c_img), c_img,
+    query = self._side(
+      prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning, self.compact), q_img,
+      self.shapes.max_query_len, "query")
+    cand = self._side(prompts.encode_candidate(self.tok, ex.cand_text, c_img, self.compact), c_img,
                       self.shapes.max_cand_len, "candidate")
     out = {f"query_{k}": v for k, v in query.items()}
     out.update({f"cand_{k}": v for k, v in cand.items() if k != "target_mask"})

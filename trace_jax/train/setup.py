@@ -22,9 +22,10 @@ from trace_jax.train import state as state_lib
 from trace_jax.train import step as step_lib
 
 
-def make_model_fn(config) -> Callable[[], QwenVL]:
-  """A function that builds the config's model, with LoRA adapters when `lora.rank > 0`."""
-  cfg = factory.model_config(config)
+def make_model_fn(config, model_cfg=None) -> Callable[[], QwenVL]:
+  """A function that builds the config's model (or `model_cfg`'s, e.g. with the tokenizer's
+  special-token ids), with LoRA adapters when `lora.rank > 0`."""
+  cfg = model_cfg or factory.model_config(config)
 
   def make() -> QwenVL:
     model = QwenVL(cfg, rngs=nnx.Rngs(config.seed))
@@ -40,13 +41,20 @@ def optimizer(config):
   return state_lib.make_optimizer(config.optim, max(config.total_steps, 1))
 
 
+def state_kwargs(config) -> dict:
+  """`init_state` keyword arguments of a config."""
+  return dict(lora_rank=config.lora.rank, temperature=config.loss.temperature,
+              learn_temperature=config.loss.learn_temperature,
+              train_vision=config.optim.train_vision)
+
+
 def abstract_state(config, mesh):
   """(graphdef, TrainState of ShapeDtypeStructs carrying their shardings, tx, schedule)."""
   make = make_model_fn(config)
   tx, schedule = optimizer(config)
-  kw = dict(lora_rank=config.lora.rank, temperature=config.loss.temperature,
-            learn_temperature=config.loss.learn_temperature)
-  graphdef, _, _ = state_lib.split_model(nnx.eval_shape(make), config.lora.rank)
+  kw = state_kwargs(config)
+  graphdef, _, _ = state_lib.split_model(nnx.eval_shape(make), config.lora.rank,
+                                         config.optim.train_vision)
   shapes = jax.eval_shape(lambda: state_lib.init_state(make(), tx, **kw)[1])
   shard = lambda tree: sharding.state_shardings(tree, mesh)  # noqa: E731
   params_sh = {k: (shard(v) if k == "model" else sharding.replicated(mesh))

@@ -1,7 +1,8 @@
 """The train state pytree, what is trainable, and the optimizer.
 
 Trainable: the patch merger, and the LLM through LoRA adapters (or every LLM weight when
-`lora.rank == 0`), plus the InfoNCE temperature when it is learned. The vision tower and, under
+`lora.rank == 0`), plus the InfoNCE temperature when it is learned; the vision tower only with
+`optim.train_vision` (training from scratch, as the demo does). The vision tower and, under
 LoRA, the base LLM weights are frozen: they live in `TrainState.frozen` and get no gradient buffer
 and no optimizer state. The step itself is in `step.py`.
 """
@@ -32,14 +33,14 @@ class TrainState:
   opt_state: Any
 
 
-def is_trainable(lora_rank: int):
+def is_trainable(lora_rank: int, train_vision: bool = False):
   """An nnx filter: (path, variable) -> whether the parameter trains."""
   def keep(path, var) -> bool:
     names = [str(p) for p in path]
     if not isinstance(var, nnx.Param):
       return False
     if names[0] == "visual":
-      return names[1] in MERGER
+      return train_vision or names[1] in MERGER
     if lora_rank > 0:
       return isinstance(var, nnx.LoRAParam)
     return True
@@ -65,16 +66,17 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
   return tx, schedule
 
 
-def split_model(model: QwenVL, lora_rank: int):
+def split_model(model: QwenVL, lora_rank: int, train_vision: bool = False):
   """(graphdef, trainable state, frozen state)."""
-  return nnx.split(model, is_trainable(lora_rank), ...)
+  return nnx.split(model, is_trainable(lora_rank, train_vision), ...)
 
 
 def init_state(model: QwenVL, tx: optax.GradientTransformation, *, lora_rank: int,
-               temperature: float, learn_temperature: bool, mesh=None):
+               temperature: float, learn_temperature: bool, train_vision: bool = False,
+               mesh=None):
   """Returns (graphdef, TrainState). Optimizer moments are created from the (sharded)
   parameters and keep their shardings; scalars are replicated over `mesh`."""
-  graphdef, trainable, frozen = split_model(model, lora_rank)
+  graphdef, trainable, frozen = split_model(model, lora_rank, train_vision)
   params = {"model": trainable}
   if learn_temperature:
     params["log_scale"] = jnp.asarray(math.log(1.0 / temperature), jnp.float32)

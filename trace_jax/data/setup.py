@@ -1,0 +1,102 @@
+"""From an experiment config to the training data: the tokenizer, the examples, the Grain dataset.
+
+`config.data.root` is an M-BEIR-format folder (the real M-BEIR, or the generated demo world, which
+is created there when `data.generate_world` is set and the folder is absent). `data.train_files`
+pairs query files with their candidate pools; `data.cot_file` gives the routes and reasoning.
+The tokenizer is `data.tokenizer` (a Hugging Face `tokenizer.json` or a SentencePiece `.model`),
+or for the demo a SentencePiece model trained on the world's text. It does not build the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+
+from trace_jax.data import cot as cot_lib
+from trace_jax.data import mbeir, prompts, synthetic
+from trace_jax.data.examples import TrainExample, build_examples
+from trace_jax.data.pipeline import Buckets, make_dataset
+from trace_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from trace_jax.data.transforms import Shapes, ToArrays
+from trace_jax.model.config import ModelConfig
+
+DEMO_TOKENIZER = "tokenizer.model"
+
+
+def ensure_world(data) -> None:
+  """Generates the demo world at `data.root` when asked to and it is not there yet."""
+  if data.generate_world and not os.path.exists(os.path.join(data.root, "world.json")):
+    synthetic.generate_world(data.root, seed=data.world_seed, n_train=data.world_train,
+                             n_test=data.world_test)
+
+
+def make_tokenizer(data) -> Tokenizer:
+  """The configured tokenizer, or the demo world's SentencePiece model (trained once)."""
+  path = data.tokenizer
+  if path.endswith(".json"):
+    return HFTokenizer.from_dir(os.path.dirname(path))
+  if path:
+    return SentencePieceTokenizer.from_file(path)
+  model = os.path.join(data.root, DEMO_TOKENIZER)
+  if os.path.exists(model):
+    return SentencePieceTokenizer.from_file(model)
+  with open(os.path.join(data.root, "world.json")) as f:
+    vocabulary = json.load(f)["vocabulary"]
+  texts = [" ".join(vocabulary), prompts.SYSTEM, prompts.QUERY_RULE, prompts.CANDIDATE_RULE,
+           prompts.COMPACT_QUERY_RULE, prompts.COMPACT_CANDIDATE_RULE,
+           "system\nuser\nassistant\n"] + list(vocabulary)
+  return SentencePieceTokenizer.train(texts * 8, model[:-len(".model")], data.tokenizer_vocab,
+                                      user_symbols=prompts.required_tokens())
+
+
+def with_token_ids(model_cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:
+  """The model's special-token ids taken from the tokenizer (vocab must be large enough)."""
+  if tok.vocab_size > model_cfg.text.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids, model.text.vocab_size is only "
+                     f"{model_cfg.text.vocab_size}")
+  return dataclasses.replace(
+    model_cfg, image_token_id=tok.token_to_id("<|image_pad|>"),
+    vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+    vision_end_token_id=tok.token_to_id("<|vision_end|>"))
+
+
+def load_examples(data) -> list[TrainExample]:
+  """Training examples of every (query file, pool file) pair, with routes from the CoT file."""
+  root = data.root
+  instructions = mbeir.load_instructions(mbeir.instructions_file(root))
+  cot = cot_lib.read_cot(os.path.join(root, data.cot_file)) if data.cot_file else None
+  out: list[TrainExample] = []
+  for query_file, pool_file in data.train_files:
+    pool = mbeir.load_pool(os.path.join(root, pool_file))
+    out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
+                          instruction_mode=data.instruction_mode, seed=data.seed)
+  if not data.reasoning:  # The direct-only ablation: no reasoning targets at all.
+    out = [dataclasses.replace(e, reasoning=None) for e in out]
+  return out
+
+
+def bucket_sizes(data) -> Buckets:
+  """Padding buckets: `query_len` / `cand_len` and the smaller sizes listed with them."""
+  return Buckets(tuple(sorted({*data.query_buckets, data.query_len})),
+                 tuple(sorted({*data.cand_buckets, data.cand_len})))
+
+
+def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
+  """This process's endless stream of padded host batches."""
+  data = config.data
+  n = jax.process_count()
+  if data.global_batch % n:
+    raise ValueError(f"data.global_batch={data.global_batch} does not split over {n} processes")
+  buckets = bucket_sizes(data)
+  shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
+  to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
+                       compact_prompts=data.compact_prompts)
+  weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
+  return make_dataset(load_examples(data), to_arrays,
+                      buckets,
+                      batch_size=data.global_batch // n, seed=data.seed,
+                      task_weights=weights or None, one_task_per_batch=data.one_task_per_batch,
+                      process_index=jax.process_index(), process_count=n, workers=data.workers)
