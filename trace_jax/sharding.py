@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("vit_patch", None),
   ("vit_embed", "fsdp"),
   ("vit_mlp", "tensor"),
+  ("lora_rank", "fsdp"),
   ("act_batch", ("data", "fsdp")),
   ("act_len", None),
   ("act_embed", None),

@@ -35,9 +35,11 @@ class LoRADense(nnx.Module):
     a = jax.random.uniform(rngs.params(), (*shape[:lead], *in_shape, rank), base.kernel.dtype,
                            -bound, bound)
     self.base = base
-    self.lora_a = nnx.LoRAParam(a, logical_axes=(*axes[:lead], *in_axes, None))
+    # The rank axis takes FSDP where the other axes leave it free (B of q/k/v/gate/up, A of
+    # o/down, whose feature axes map to `tensor`), so adapters are not replicated when tensor=1.
+    self.lora_a = nnx.LoRAParam(a, logical_axes=(*axes[:lead], *in_axes, "lora_rank"))
     self.lora_b = nnx.LoRAParam(jnp.zeros((*shape[:lead], rank, *out_shape), base.kernel.dtype),
-                                logical_axes=(*axes[:lead], None, *out_axes))
+                                logical_axes=(*axes[:lead], "lora_rank", *out_axes))
     self.scale = alpha / rank
     self.dropout = dropout
     self.stacked = bool(lead)
