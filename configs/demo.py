@@ -14,7 +14,7 @@ TASKS = (0, 3, 6, 7)
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, {"ablation": "", "steps": 1500, "dtype": "float32"})
+  args = common.parse_arg(arg, {"ablation": "", "steps": 300, "dtype": "float32"})
   if args["ablation"] not in ("", "direct"):
     raise ValueError(f"ablation={args['ablation']!r}; expected '' or 'direct'")
   c = common.base_config()

@@ -18,7 +18,7 @@ import pytest
 from trace_jax.data import cot
 from trace_jax.data.mbeir import MBEIRFormatError
 from trace_jax.data.tokenizer import EMB_TOKEN, SentencePieceTokenizer, Tokenizer
-from trace_jax.tools import build_cot
+from trace_jax.data import cot_build as build_cot
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

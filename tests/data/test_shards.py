@@ -14,9 +14,8 @@ from array_record.python import array_record_module
 
 from tests.data import pipeline_fixture as fx
 from trace_jax.data import shards, synthetic
-from trace_jax.data.examples import TrainExample
+from trace_jax.data.examples import TrainExample, load_split
 from trace_jax.data.transforms import Shapes, ToArrays
-from trace_jax.tools import convert_examples
 
 SHAPES = Shapes(1024, 256, (1, 4, 4))  # Long enough for every demo-world example.
 
@@ -30,7 +29,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples(world):
-  return convert_examples.load_examples(world, "train")
+  files, cot_file = synthetic.split_files(world, "train")
+  return load_split(world, [(f["query"], f["pool"]) for f in files.values()],
+                    os.path.join(world, cot_file))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_bad_arguments(world, examples, written, tmp_path):
   with pytest.raises(KeyError, match="no split 'test'"):
     shards.ExampleSource(written.path, split="test")
   with pytest.raises(FileNotFoundError, match="world.json"):
-    convert_examples.world_files(str(tmp_path), "train")
+    synthetic.split_files(str(tmp_path), "train")
 
 
 def test_reader_rejects_another_dataset(tmp_path):

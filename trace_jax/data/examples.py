@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Any
+from typing import Any, Iterable
 
 from trace_jax.data import cot as cot_lib
 from trace_jax.data import mbeir
@@ -69,4 +69,18 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
       reasoning = cot_lib.training_target(cot[query.qid])
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
                             reasoning, did, cand.text, cand.image_path))
+  return out
+
+
+def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
+               instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
+  """Examples of every (query file, pool file) pair under `root`, in order, with routes and
+  reasoning from `cot_file` (None: every example is direct)."""
+  instructions = mbeir.load_instructions(mbeir.instructions_file(root))
+  cot = cot_lib.read_cot(cot_file) if cot_file else None
+  out: list[TrainExample] = []
+  for query_file, pool_file in files:
+    pool = mbeir.load_pool(os.path.join(root, pool_file))
+    out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
+                          instruction_mode=instruction_mode, seed=seed)
   return out

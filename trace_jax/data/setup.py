@@ -15,9 +15,8 @@ import os
 
 import jax
 
-from trace_jax.data import cot as cot_lib
-from trace_jax.data import mbeir, prompts, synthetic
-from trace_jax.data.examples import TrainExample, build_examples
+from trace_jax.data import prompts, synthetic
+from trace_jax.data.examples import TrainExample, load_split
 from trace_jax.data.pipeline import Buckets, make_dataset
 from trace_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from trace_jax.data.transforms import Shapes, ToArrays
@@ -65,14 +64,9 @@ def with_token_ids(model_cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:
 
 def load_examples(data) -> list[TrainExample]:
   """Training examples of every (query file, pool file) pair, with routes from the CoT file."""
-  root = data.root
-  instructions = mbeir.load_instructions(mbeir.instructions_file(root))
-  cot = cot_lib.read_cot(os.path.join(root, data.cot_file)) if data.cot_file else None
-  out: list[TrainExample] = []
-  for query_file, pool_file in data.train_files:
-    pool = mbeir.load_pool(os.path.join(root, pool_file))
-    out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
-                          instruction_mode=data.instruction_mode, seed=data.seed)
+  cot_file = os.path.join(data.root, data.cot_file) if data.cot_file else None
+  out = load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
+                   seed=data.seed)
   if not data.reasoning:  # The direct-only ablation: no reasoning targets at all.
     out = [dataclasses.replace(e, reasoning=None) for e in out]
   return out

@@ -461,3 +461,22 @@ def generate_world(out_dir: str, *, seed: int = 0, image_size: int = 56, n_train
   summary = _summarize(tasks, drawn, written, n_images, seed, image_size, task_mix, spec)
   _write_lines(os.path.join(out_dir, "world.json"), [json.dumps(summary, indent=1)])
   return summary
+
+
+def split_files(world: str, split: str) -> tuple[dict[int, dict[str, str]], str]:
+  """(task -> {"query", "pool"} paths, CoT path), relative to the world, of a demo world's split,
+  from its `world.json`.
+
+  Raises:
+    FileNotFoundError: no `world.json` (not a demo world).
+    KeyError: the world has no such split.
+  """
+  summary = os.path.join(world, "world.json")
+  if not os.path.isfile(summary):
+    raise FileNotFoundError(f"{summary} not found: only the demo world layout is supported")
+  with open(summary) as f:
+    info = json.load(f)
+  if split not in info["files"]:
+    raise KeyError(f"{world} has no split {split!r}; it has {sorted(info['files'])}")
+  files = {int(task): dict(names) for task, names in info["files"][split].items()}
+  return dict(sorted(files.items())), info["cot"][split]

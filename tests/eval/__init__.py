@@ -1,0 +1,1 @@
+"""Tests of trace_jax.eval."""

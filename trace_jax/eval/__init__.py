@@ -1,0 +1,1 @@
+"""Evaluation of retrieval on M-BEIR: recall@k, per-task results, summaries and tables."""

@@ -1,0 +1,1 @@
+"""Inference: the implicit-routing encoder and retrieval."""

@@ -1,0 +1,180 @@
+"""The implicit-routing encoder: candidates in one pass; queries prefill, then reason only if the
+model chooses to (TRACE.md, "Inference: implicit routing").
+
+`adaptive` (default): one batched prefill; rows whose greedy first token is `<|emb|>` take the
+hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
+decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`, and the decode batch is
+compacted to the rows still reasoning (padded to a power of two, so few programs compile).
+`direct` forces `<|emb|>` first; `always_reason` forbids it as the first token. Readout is the
+pre-token (the paper's choice). Retrieval itself is in `retrieval.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trace_jax.data import image as image_lib
+from trace_jax.data import prompts
+from trace_jax.data.tokenizer import Tokenizer
+from trace_jax.model.decoder import KVCache
+from trace_jax.model.positions import rope_index, vision_layout
+from trace_jax.model.qwen_vl import QwenVL
+
+MODES = ("adaptive", "direct", "always_reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A query or candidate to embed: its text (instruction included) and image path, if any."""
+
+  text: str | None
+  image: str | None  # Absolute path or path under the encoder's root.
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  embeddings: np.ndarray  # [N, D] L2-normalised float32.
+  texts: list[str]  # The generated reasoning ("" when the row embedded at once).
+  reasoned: np.ndarray  # [N] bool: the row wrote at least one token before <|emb|>.
+
+
+def _unit(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(nnx.jit, static_argnames="max_len")
+def _prefill(model, ids, mask, positions, pixels, layout, max_len: int = 0):
+  """Embedding of the last prompt token, its next-token logits, and (max_len > 0) the cache."""
+  cache = KVCache.zeros(model.cfg, ids.shape[0], max_len) if max_len else None
+  out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
+              return_logits=False, cache=cache)
+  last = jnp.sum(mask, axis=1) - 1
+  h = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)[:, 0]
+  return _unit(h), model.logits(h), out.cache
+
+
+@nnx.jit
+def _decode(model, tokens, cache):
+  out = model.decode(tokens[:, None], cache)
+  h = out.hidden_states[:, 0]
+  return _unit(h), jnp.argmax(model.logits(h), axis=-1), out.cache
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+class Encoder:
+  """Embeds queries and candidates with a trained model."""
+
+  def __init__(self, model: QwenVL, tok: Tokenizer, *, image_grid: Sequence[int], root: str = "",
+               batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
+               max_new_tokens: int = 96, compact_prompts: bool = False):
+    self.model, self.tok, self.root = model, tok, root
+    self.grid = tuple(image_grid)
+    self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
+    self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
+    cfg = model.cfg
+    self.layout = vision_layout(np.asarray([self.grid]), cfg.vision,
+                                windowed=cfg.family == "qwen2_5_vl")
+    self.patches = int(np.prod(self.grid))
+    self.image_tokens = self.patches // cfg.vision.spatial_merge_size**2
+
+  def _pixels(self, path):
+    if path is None:
+      return np.zeros((self.patches, self.model.cfg.vision.patch_dim), np.float32)
+    full = path if not self.root else f"{self.root}/{path}"
+    return image_lib.resize_to_grid(full, self.grid[1:])[0]
+
+  def _batch(self, items: Sequence[Item], candidates: bool):
+    """Right-padded prompt ids, mask, positions and pixels of up to `batch_size` items."""
+    seqs = []
+    for it in items:
+      n_img = self.image_tokens if it.image else 0
+      enc = (prompts.encode_candidate(self.tok, it.text, n_img, self.compact) if candidates else
+             prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact))
+      seqs.append(enc.ids[:enc.prompt_len])
+    longest = max(map(len, seqs))
+    t = next((b for b in self.buckets if b >= longest), None)
+    if t is None:
+      raise ValueError(f"a prompt of {longest} tokens exceeds the largest bucket {self.buckets}")
+    b = self.batch_size
+    ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    positions = np.zeros((3, b, t), np.int32)
+    for i, (s, it) in enumerate(zip(seqs, items)):
+      ids[i, :len(s)], mask[i, :len(s)] = s, 1
+      grid = np.asarray([self.grid]) if it.image else None
+      positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, grid, self.model.cfg)[:, 0]
+    mask[len(items):, 0] = 1  # Filler rows: one visible token keeps their softmax defined.
+    pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
+    for i, it in enumerate(items):
+      pixels[i] = self._pixels(it.image)
+    return ids, mask, positions, pixels
+
+  def encode_candidates(self, items: Sequence[Item]) -> np.ndarray:
+    """[N, D] embeddings from one forward pass per batch (candidates never reason)."""
+    out = []
+    for start in range(0, len(items), self.batch_size):
+      chunk = items[start:start + self.batch_size]
+      emb, _, _ = _prefill(self.model, *self._batch(chunk, True), self.layout, max_len=0)
+      out.append(np.asarray(emb)[:len(chunk)])
+    return np.concatenate(out)
+
+  def encode_queries(self, items: Sequence[Item], mode: str = "adaptive") -> Encoded:
+    if mode not in MODES:
+      raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    embs, texts, reasoned = [], [], []
+    for start in range(0, len(items), self.batch_size):
+      chunk = items[start:start + self.batch_size]
+      e, t, r = self._encode_query_batch(chunk, mode)
+      embs.append(e)
+      texts += t
+      reasoned.append(r)
+    return Encoded(np.concatenate(embs), texts, np.concatenate(reasoned))
+
+  def _encode_query_batch(self, items, mode):
+    n, emb_id = len(items), self.tok.emb_id
+    ids, mask, positions, pixels = self._batch(items, False)
+    max_len = 0 if mode == "direct" else ids.shape[1] + self.max_new_tokens
+    emb, logits, cache = _prefill(self.model, ids, mask, positions, pixels, self.layout,
+                                  max_len=max_len)
+    out, logits = np.array(emb)[:n], np.array(logits)[:n]
+    generated: list[list[int]] = [[] for _ in range(n)]
+    if mode == "direct":
+      return out, [""] * n, np.zeros(n, bool)
+    if mode == "always_reason":
+      logits[:, emb_id] = -np.inf
+    tokens = logits.argmax(-1)
+    active = np.flatnonzero(tokens != emb_id)  # Rows that reason; the rest are done.
+    for row in active:
+      generated[row].append(int(tokens[row]))
+    held = np.arange(ids.shape[0])  # Which original row each cache row holds.
+    while len(active):
+      keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
+      cache, held = _take_rows(cache, held, keep), keep
+      h, nxt, cache = _decode(self.model, jnp.asarray(tokens[keep], jnp.int32), cache)
+      h, nxt = np.asarray(h)[:len(active)], np.asarray(nxt)[:len(active)]
+      out[active] = h  # The latest token's state: the pre-token once <|emb|> comes next.
+      room = np.asarray([len(generated[r]) < self.max_new_tokens for r in active], bool)
+      going = (nxt != emb_id) & room
+      tokens[active[going]] = nxt[going]
+      for row, tok in zip(active[going], nxt[going]):
+        generated[row].append(int(tok))
+      active = active[going]  # Rows that wrote max_new_tokens keep their last token's state.
+    texts = [self.tok.decode(g) for g in generated]
+    return out, texts, np.asarray([len(g) > 0 for g in generated])
+
+
+def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray) -> KVCache:
+  """The cache restricted (and reordered) to original rows `wanted`, given the rows it holds."""
+  where = {int(r): i for i, r in enumerate(held)}
+  idx = jnp.asarray([where[int(r)] for r in wanted], jnp.int32)
+  return KVCache(cache.k_lbskh[:, idx], cache.v_lbskh[:, idx], cache.valid_bs[idx], cache.index,
+                 cache.next_position_b[idx])
