@@ -151,6 +151,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt.every_steps = 500
   c.ckpt.keep = 3
 
+  c.eval = ml_collections.ConfigDict()
+  # Query encoder mode of the recall numbers: adaptive (TRACE) | direct | always_reason.
+  c.eval.mode = "adaptive"
+  # M-BEIR task names to evaluate (empty: all 16, or every task of the demo world).
+  c.eval.tasks = ()
+  c.eval.batch_size = 32
+  c.eval.prompt_buckets = (64, 128, 256, 512)
+  # Longest reasoning the encoder writes before it must emit <|emb|>.
+  c.eval.max_new_tokens = 128
+  # Queries per task timed in each encoder mode for queries/s (0 = skip the timing).
+  c.eval.qps_queries = 64
+
   c.log = ml_collections.ConfigDict()
   # Metrics to WORKDIR/metrics.jsonl and a progress line on process 0, every this many steps.
   c.log.every_steps = 10

@@ -13,6 +13,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from trace_jax import devices
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs go.")
 
@@ -20,10 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs go.")
 def main(argv):
   del argv
   config = _CONFIG.value
-  if config.cpu_devices and "xla_force_host_platform_device_count" not in os.environ.get(
-      "XLA_FLAGS", ""):  # Must happen before JAX initialises its CPU backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={config.cpu_devices}")
+  devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
   from trace_jax.train import loop  # Imported after XLA_FLAGS: it initialises JAX.
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   os.makedirs(_WORKDIR.value, exist_ok=True)

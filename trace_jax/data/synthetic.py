@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
+from trace_jax.data import mbeir
 from trace_jax.data import synthetic_teacher as rules
 
 DATASET_ID = 10
@@ -480,3 +481,10 @@ def split_files(world: str, split: str) -> tuple[dict[int, dict[str, str]], str]
     raise KeyError(f"{world} has no split {split!r}; it has {sorted(info['files'])}")
   files = {int(task): dict(names) for task, names in info["files"][split].items()}
   return dict(sorted(files.items())), info["cot"][split]
+
+
+def eval_tasks(world: str, split: str = "test") -> list[mbeir.EvalTask]:
+  """The world's tasks as `mbeir.EvalTask`s (headline Recall@5), for the M-BEIR evaluator."""
+  files, _ = split_files(world, split)
+  return [mbeir.EvalTask(f"{DATASET_NAME}_task{k}", "Synthetic", k, f["query"], f["pool"],
+                         f["qrels"], 5) for k, f in files.items()]

@@ -42,3 +42,16 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iter):
   restored = mngr.restore(step, args=ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter)))
   return restored["state"], step
+
+
+def restore_state(workdir: str, state):
+  """(state, step) of the newest checkpoint under WORKDIR (the data iterator is not needed)."""
+  mngr = manager(workdir, keep=1)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  mngr.close()
+  return restored["state"], step

@@ -1,0 +1,39 @@
+"""`python -m trace_jax.eval` end to end on a briefly trained demo model."""
+
+import json
+import os
+
+import numpy as np
+
+from configs import demo
+from trace_jax.eval import mbeir_eval
+from trace_jax.train import loop
+
+
+def test_evaluate_writes_scores_embeddings_and_lists(tmp_path):
+  config = demo.get_config("steps=2")
+  config.data.root = str(tmp_path / "world")
+  config.data.world_train, config.data.world_test = 48, 8
+  config.data.global_batch = 16
+  config.eval.tasks = ("synthetic_task0", "synthetic_task7")
+  config.eval.max_new_tokens = 3
+  config.eval.qps_queries = 4
+  config.eval.batch_size = 8
+  workdir = str(tmp_path / "run")
+  loop.run(config, workdir)
+  report = mbeir_eval.evaluate(config, workdir)
+
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    saved = json.load(f)
+  assert saved["average"] == report["average"] and saved["step"] == 2
+  assert set(saved["tasks"]) == {"synthetic_task0", "synthetic_task7"}
+  for name, res in saved["tasks"].items():
+    assert res["k"] == 5 and res["num_queries"] == 8 and 0 <= res["recall"] <= 1
+    assert 0 <= res["reason_rate"] <= 1 and res["recall@1"] <= res["recall@5"] <= res["recall@10"]
+    q = np.load(os.path.join(workdir, "eval", f"{name}_queries.npy"))
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    with open(os.path.join(workdir, "eval", f"{name}_retrieved.jsonl")) as f:
+      lines = [json.loads(x) for x in f]
+    assert len(lines) == 8 and all(len(x["ranked"]) == 10 for x in lines)
+  assert set(saved["qps"]) == {"adaptive", "direct", "always_reason"}
+  assert os.path.exists(os.path.join(workdir, "eval", "results.md"))

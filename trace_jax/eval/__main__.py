@@ -1,0 +1,34 @@
+"""`python -m trace_jax.eval --config=FILE[:ARGS] --workdir=DIR [--mbeir_root=DIR] [--tasks=..]`.
+
+Evaluates the newest checkpoint in WORKDIR and writes WORKDIR/eval/ (see `mbeir_eval.py`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from trace_jax import devices
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_ROOT = flags.DEFINE_string("mbeir_root", None, "M-BEIR root (default: config.data.root).")
+_TASKS = flags.DEFINE_list("tasks", None, "Task names, e.g. cirr_task7,mscoco_task0.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
+  if _TASKS.value:
+    config.eval.tasks = tuple(_TASKS.value)
+  from trace_jax.eval import mbeir_eval  # After XLA_FLAGS: it initialises JAX.
+  report = mbeir_eval.evaluate(config, _WORKDIR.value, _ROOT.value)
+  print(json.dumps({"average": report["average"], "qps": report["qps"]}))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
