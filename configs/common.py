@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_files = (("query/union_train/mbeir_union_up_train.jsonl",
                          "cand_pool/global/mbeir_union_train_cand_pool.jsonl"),)
   c.data.cot_file = ""
+  # ArrayRecord shards written by tools/convert_examples (images inline); when set, the pipeline
+  # reads them instead of the files above.
+  c.data.shards_dir = ""
   # Train on reasoning targets (False: the direct-only ablation, <|emb|> alone for every query).
   c.data.reasoning = True
   # Instruction prompt per query: "first" or "random" (UniIR draws one at random).

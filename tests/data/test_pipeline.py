@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 
 from tests.data import pipeline_fixture as fx
 from trace_jax import sharding
-from trace_jax.data.pipeline import SKIPPED, Buckets, make_dataset, to_global
+from trace_jax.data import shards
+from trace_jax.data.pipeline import SKIPPED, Buckets, group_by_task, make_dataset, to_global
 from trace_jax.data.transforms import BadExampleError, Shapes, ToArrays
 from trace_jax.model import QwenVL
 from trace_jax.train import state as state_lib
@@ -30,7 +31,7 @@ def dataset(tok, examples=None, on_bad="error", **kw):
   to_arrays = ToArrays(tok, fx.model_config(tok), SHAPES, fx.ROOT, on_bad_example=on_bad)
   kw.setdefault("batch_size", 4)
   kw.setdefault("seed", 0)
-  return make_dataset(examples or fx.examples(), to_arrays, BUCKETS, **kw)
+  return make_dataset(group_by_task(examples or fx.examples()), to_arrays, BUCKETS, **kw)
 
 
 def take(ds, n):
@@ -94,6 +95,17 @@ def test_bad_examples_error_or_skip(tok):
     take(dataset(tok, examples, task_weights=None), 4)
   batches = take(dataset(tok, examples, on_bad="skip", batch_size=2), 8)
   assert sum(int(b[SKIPPED]) for b in batches) > 0
+
+
+def test_arrayrecord_shards_give_the_same_batches(tok, tmp_path):
+  examples = fx.examples()
+  shards.write_examples(examples, fx.ROOT, str(tmp_path / "shards"), num_shards=3)
+  by_task = shards.split_by_task(shards.ExampleSource(str(tmp_path / "shards")))
+  to_arrays = ToArrays(tok, fx.model_config(tok), SHAPES, "/nonexistent")  # Images are inline.
+  got = take(make_dataset(by_task, to_arrays, BUCKETS, batch_size=4, seed=0), 2)
+  for x, y in zip(got, take(dataset(tok, examples), 2)):
+    for k in y:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def test_worker_processes_give_the_same_batches(tok):

@@ -15,7 +15,7 @@ images are always resized to the one `data.image_grid`. The iterator's state (`g
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import jax
@@ -92,7 +92,15 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets) -> dict[str,
   return out
 
 
-def _task_source(records: list[dict], seed: int, process_index: int, process_count: int):
+def group_by_task(examples: Sequence[TrainExample]) -> dict[int, list[dict]]:
+  """Example records (dicts) per task id."""
+  by_task: dict[int, list[dict]] = {}
+  for ex in examples:
+    by_task.setdefault(ex.task_id, []).append(ex.to_dict())
+  return by_task
+
+
+def _task_source(records: Sequence[dict], seed: int, process_index: int, process_count: int):
   """This process's fixed share of one task, shuffled anew each epoch, repeated forever."""
   share = grain.MapDataset.source(records)[process_index::process_count]
   if not len(share):
@@ -101,20 +109,19 @@ def _task_source(records: list[dict], seed: int, process_index: int, process_cou
   return share.shuffle(seed=seed).repeat()
 
 
-def make_dataset(examples: Sequence[TrainExample], to_arrays: ToArrays, buckets: Buckets, *,
+def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buckets: Buckets, *,
                  batch_size: int, seed: int, task_weights: dict[int, float] | None = None,
                  one_task_per_batch: bool = False, process_index: int = 0,
                  process_count: int = 1, workers: int = 0) -> grain.IterDataset:
   """An endless dataset of this process's padded host batches (`batch_size` rows each).
 
   Args:
+    by_task: random-access records per task id: lists of example dicts (`group_by_task`), or
+      ArrayRecord subsets (`shards.split_by_task`) with the images inline.
     task_weights: sampling weight per task id (default: proportional to the task's size).
     one_task_per_batch: draw whole batches from one task at a time, by `task_weights`.
     workers: Grain worker processes (0: decode in this process).
   """
-  by_task: dict[int, list[dict]] = {}
-  for ex in examples:
-    by_task.setdefault(ex.task_id, []).append(ex.to_dict())
   tasks = sorted(by_task)
   unknown = set(task_weights or {}) - set(tasks)
   if unknown:

@@ -15,9 +15,9 @@ import os
 
 import jax
 
-from trace_jax.data import prompts, synthetic
+from trace_jax.data import prompts, shards, synthetic
 from trace_jax.data.examples import TrainExample, load_split
-from trace_jax.data.pipeline import Buckets, make_dataset
+from trace_jax.data.pipeline import Buckets, group_by_task, make_dataset
 from trace_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from trace_jax.data.transforms import Shapes, ToArrays
 from trace_jax.model.config import ModelConfig
@@ -89,7 +89,11 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
   to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
                        compact_prompts=data.compact_prompts)
   weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
-  return make_dataset(load_examples(data), to_arrays,
+  if data.shards_dir:  # ArrayRecord shards with the images inline (tools/convert_examples).
+    by_task = shards.split_by_task(shards.ExampleSource(data.shards_dir))
+  else:
+    by_task = group_by_task(load_examples(data))
+  return make_dataset(by_task, to_arrays,
                       buckets,
                       batch_size=data.global_batch // n, seed=data.seed,
                       task_weights=weights or None, one_task_per_batch=data.one_task_per_batch,
