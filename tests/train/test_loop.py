@@ -76,3 +76,34 @@ def test_sigkill_and_restart_reach_the_same_parameters(uninterrupted, tmp_path):
   assert restart.returncode == 0, restart.stderr[-3000:]
   for a, b in zip(params(killed, 6), params(workdir, 6)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
+  world, _ = uninterrupted
+  workdir = str(tmp_path / "preempted")
+  cmd = command(world, workdir)
+  cmd[3] = "--config=configs/demo.py:steps=200"
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not os.path.exists(metrics) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0
+  assert "preempted: saved a checkpoint at step" in out
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert saved and max(saved) < 200
+
+
+def test_non_finite_loss_stops_without_saving(uninterrupted, tmp_path):
+  world, _ = uninterrupted
+  workdir = str(tmp_path / "nan")
+  cmd = command(world, workdir) + ["--config.loss.temperature=1e-30",
+                                   "--config.ckpt.every_steps=1"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0
+  assert "FloatingPointError: loss is" in proc.stderr and "at step 1" in proc.stderr
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert not os.path.isdir(ckpts) or not os.listdir(ckpts)

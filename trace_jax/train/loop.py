@@ -1,18 +1,21 @@
 """The training loop, top to bottom: mesh, data, model, state, restore, steps, logs, saves.
 
 `run(config, workdir)` resumes from `WORKDIR/checkpoints` when a checkpoint is there, otherwise
-starts from `ckpt.init_from` or from scratch; it saves every `ckpt.every_steps` and at the end.
-Evaluation is not here.
+starts from scratch; it saves every `ckpt.every_steps` and at the end. SIGTERM (preemption) saves at
+the next step boundary, on which all processes agree, and returns. A NaN or Inf loss stops the run
+before anything is saved, so the last checkpoint stays good. Evaluation is not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from trace_jax import sharding
 from trace_jax.data import pipeline
@@ -66,6 +69,7 @@ def run(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, config.total_steps)
     row, tokens = {}, 0
     step = int(start or 0)
+    preempted = _Preemption()
     while step < config.total_steps:
       host = next(data_iter)
       tokens += int(host["query_mask"].sum() + host["cand_mask"].sum()) * jax.process_count()
@@ -73,11 +77,51 @@ def run(config, workdir: str) -> dict:
       with jax.set_mesh(s.mesh):
         state, metrics = train_step(state, batch)
       step += 1
-      if step % config.log.every_steps == 0 or step == config.total_steps:
+      stop = preempted.agreed()
+      final = stop or step == config.total_steps
+      log = step % config.log.every_steps == 0 or final
+      if log or final or step % config.ckpt.every_steps == 0:
+        _check_finite(metrics, step)  # Before any save: the last checkpoint stays good.
+      if log:
         metrics = dict(metrics, **{pipeline.SKIPPED: np.int32(host[pipeline.SKIPPED])})
         row, tokens = writer.write(step, metrics, tokens), 0
       checkpoint.save(mngr, step, state, data_iter, every_steps=config.ckpt.every_steps,
-                      final=step == config.total_steps)
+                      final=final)
+      if stop:
+        logging.warning("SIGTERM: saved step %d, exiting", step)
+        print(f"preempted: saved a checkpoint at step {step}; rerun the command to resume",
+              flush=True)
+        break
     mngr.wait_until_finished()
     mngr.close()
+    preempted.restore()
   return row
+
+
+def _check_finite(metrics, step: int) -> None:
+  loss = float(jax.device_get(metrics["loss/total"]))
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+      f"loss is {loss} at step {step}; stopping without saving (the last checkpoint is the last "
+      "good state). Lower optim.lr or check the data.")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag read at step boundaries; every process stops at the same step."""
+
+  def __init__(self):
+    self.flag = False
+    self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    flags = multihost_utils.process_allgather(np.asarray(self.flag))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self.previous)
