@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_bad_example = "error"
   # Grain worker processes decoding images (0 = in the training process).
   c.data.workers = 0
+  # Fixed data shards (0 = one per process). Process p reads a contiguous run of them, so a run
+  # sees the same global batches on any number of processes that divides this.
+  c.data.data_shards = 0
   c.data.seed = 0
 
   c.ckpt = ml_collections.ConfigDict()

@@ -80,7 +80,7 @@ def test_task_weights_and_one_task_per_batch(tok):
 
 def test_processes_get_disjoint_examples(tok):
   def seen(pi):  # An example is its tokens plus its images (task-3 queries share their text).
-    batches = take(dataset(tok, process_index=pi, process_count=2, batch_size=2), 6)
+    batches = take(dataset(tok, shards=[pi], num_shards=2, batch_size=2), 6)
     return {(tuple(ids), q.tobytes(), c.tobytes()) for b in batches
             for ids, q, c in zip(b["query_ids"].tolist(), b["query_pixels"], b["cand_pixels"])}
   assert not seen(0) & seen(1)
@@ -136,3 +136,16 @@ def test_train_step_on_pipeline_batches(tok, mesh):
   assert np.isfinite(m1["loss/total"]) and m2["loss/total"] < m1["loss/total"]
   assert m1["lm/target_tokens"] == host["query_target_mask"].sum()
   assert m1["route/reason_frac"] == host["query_is_reasoning"].mean()
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tok):
+  """Two processes owning one shard each see the halves of what one process owning both sees."""
+  whole = take(dataset(tok, shards=[0, 1], num_shards=2, batch_size=8), 2)
+  halves = [take(dataset(tok, shards=[s], num_shards=2, batch_size=4), 2) for s in (0, 1)]
+  for i, batch in enumerate(whole):
+    for key in ("query_ids", "cand_ids", "query_pixels", "task_id"):
+      parts = [h[i][key] for h in halves]
+      width = batch[key].shape[-1] if key.endswith("ids") else None
+      if width:  # Each half may pad to a shorter bucket.
+        parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
+      np.testing.assert_array_equal(batch[key], np.concatenate(parts), err_msg=key)

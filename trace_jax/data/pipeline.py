@@ -100,20 +100,63 @@ def group_by_task(examples: Sequence[TrainExample]) -> dict[int, list[dict]]:
   return by_task
 
 
-def _task_source(records: Sequence[dict], seed: int, process_index: int, process_count: int):
-  """This process's fixed share of one task, shuffled anew each epoch, repeated forever."""
-  share = grain.MapDataset.source(records)[process_index::process_count]
+class _ConcatIterator(grain.DatasetIterator):
+  """Concatenates one list of examples from each shard stream, in shard order, then pads."""
+
+  def __init__(self, parents, batch_fn):
+    super().__init__(parents)
+    self.batch_fn = batch_fn
+
+  def __next__(self):
+    return self.batch_fn([x for it in self._parents for x in next(it)])
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self._parents]}
+
+  def set_state(self, state):
+    for it, s in zip(self._parents, state["shards"]):
+      it.set_state(s)
+
+
+class _Concat(grain.IterDataset):
+  def __init__(self, parents, batch_fn):
+    super().__init__(parents)
+    self.batch_fn = batch_fn
+
+  def __iter__(self):
+    return _ConcatIterator([p.__iter__() for p in self.parents], self.batch_fn)
+
+
+def _task_source(records: Sequence[dict], seed: int, shard: int, num_shards: int):
+  """One data shard's fixed share of one task, shuffled anew each epoch, repeated forever."""
+  share = grain.MapDataset.source(records)[shard::num_shards]
   if not len(share):
-    raise ValueError(f"process {process_index} of {process_count} gets no example of a task "
-                     f"with {len(records)} examples")
+    raise ValueError(f"data shard {shard} of {num_shards} gets no example of a task with "
+                     f"{len(records)} examples")
   return share.shuffle(seed=seed).repeat()
+
+
+def _shard_stream(by_task, tasks, weights, to_arrays, per_shard: int, seed: int, shard: int,
+                  num_shards: int, one_task_per_batch: bool) -> grain.IterDataset:
+  """Lists of `per_shard` good examples of one data shard."""
+  sources = [_task_source(by_task[t], seed + t, shard, num_shards) for t in tasks]
+  as_list = dict(batch_size=per_shard, drop_remainder=True, batch_fn=list)
+  if one_task_per_batch:
+    streams = [_SkipBad(s.map(to_arrays).to_iter_dataset()).batch(**as_list) for s in sources]
+    return grain.IterDataset.mix(streams, weights)
+  mixed = grain.MapDataset.mix(sources, weights).map(to_arrays)
+  return _SkipBad(mixed.to_iter_dataset()).batch(**as_list)
 
 
 def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buckets: Buckets, *,
                  batch_size: int, seed: int, task_weights: dict[int, float] | None = None,
-                 one_task_per_batch: bool = False, process_index: int = 0,
-                 process_count: int = 1, workers: int = 0) -> grain.IterDataset:
+                 one_task_per_batch: bool = False, shards: Sequence[int] = (0,),
+                 num_shards: int = 1, workers: int = 0) -> grain.IterDataset:
   """An endless dataset of this process's padded host batches (`batch_size` rows each).
+
+  The data is split into `num_shards` fixed shards; this process reads `shards` (contiguous, in
+  order), `batch_size / len(shards)` rows from each. A given global batch is therefore the same
+  whatever the number of processes, as long as `num_shards` is.
 
   Args:
     by_task: random-access records per task id: lists of example dicts (`group_by_task`), or
@@ -132,15 +175,11 @@ def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buc
   if not tasks:
     raise ValueError("data.task_weights gives every task weight 0")
   weights = [weight[t] for t in tasks]
-  sources = [_task_source(by_task[t], seed + t, process_index, process_count) for t in tasks]
-  batch = dict(batch_size=batch_size, drop_remainder=True,
-               batch_fn=lambda xs: pad_batch(xs, buckets))
-  if one_task_per_batch:
-    streams = [_SkipBad(s.map(to_arrays).to_iter_dataset()).batch(**batch) for s in sources]
-    ds = grain.IterDataset.mix(streams, weights)
-  else:
-    mixed = grain.MapDataset.mix(sources, weights).map(to_arrays)
-    ds = _SkipBad(mixed.to_iter_dataset()).batch(**batch)
+  if batch_size % len(shards):
+    raise ValueError(f"a host batch of {batch_size} does not split over {len(shards)} shards")
+  streams = [_shard_stream(by_task, tasks, weights, to_arrays, batch_size // len(shards), seed, s,
+                           num_shards, one_task_per_batch) for s in shards]
+  ds = _Concat(streams, lambda xs: pad_batch(xs, buckets))
   if workers:
     if not flags.FLAGS.is_parsed():  # grain 0.2.18 workers read absl flags (upstream bug).
       flags.FLAGS.mark_as_parsed()

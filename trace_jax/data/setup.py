@@ -81,9 +81,13 @@ def bucket_sizes(data) -> Buckets:
 def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
   """This process's endless stream of padded host batches."""
   data = config.data
-  n = jax.process_count()
+  n, p = jax.process_count(), jax.process_index()
   if data.global_batch % n:
     raise ValueError(f"data.global_batch={data.global_batch} does not split over {n} processes")
+  num_shards = data.data_shards or n
+  if num_shards % n:
+    raise ValueError(f"data.data_shards={num_shards} is not a multiple of {n} processes")
+  per_process = num_shards // n
   buckets = bucket_sizes(data)
   shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
   to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
@@ -97,4 +101,5 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
                       buckets,
                       batch_size=data.global_batch // n, seed=data.seed,
                       task_weights=weights or None, one_task_per_batch=data.one_task_per_batch,
-                      process_index=jax.process_index(), process_count=n, workers=data.workers)
+                      shards=range(p * per_process, (p + 1) * per_process),
+                      num_shards=num_shards, workers=data.workers)

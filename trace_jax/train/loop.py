@@ -43,7 +43,11 @@ class Setup:
 def build(config) -> Setup:
   """Mesh, tokenizer (the demo world is generated first if asked), model born sharded, state."""
   mesh = factory.make_mesh(config)
-  data_setup.ensure_world(config.data)
+  if jax.process_index() == 0:  # One writer for the generated world and its tokenizer.
+    data_setup.ensure_world(config.data)
+    data_setup.make_tokenizer(config.data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("data ready")
   tok = data_setup.make_tokenizer(config.data)
   model_cfg = data_setup.with_token_ids(factory.model_config(config), tok)
   model = sharding.create_sharded(setup.make_model_fn(config, model_cfg), mesh)
