@@ -1,7 +1,7 @@
-"""Builds a model from an experiment config: fresh (born sharded), or from a checkpoint.
+"""An experiment config's model config and mesh, and pretrained weights to start from.
 
-It does not train; `ckpt.init_from` may name a Hugging Face directory or an Orbax parameter
-checkpoint written by `trace_jax.tools.import_hf`.
+`ckpt.init_from` may name a Hugging Face directory or an Orbax parameter checkpoint written by
+`trace_jax.tools.import_hf`. Building the trainable model (LoRA) is `train/setup.py`'s job.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import jax
-from flax import nnx
 
 from trace_jax import sharding
 from trace_jax.model import params_io
@@ -27,13 +26,11 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
-def create_model(config, mesh: jax.sharding.Mesh) -> QwenVL:
-  """The model of `config`, from `config.ckpt.init_from` when set, else freshly initialised."""
-  cfg = model_config(config)
-  source = config.ckpt.init_from
-  if not source:
-    return sharding.create_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(config.seed)), mesh)
+def load_pretrained(source: str, mesh: jax.sharding.Mesh | None, model) -> QwenVL:
+  """A Hugging Face directory or an Orbax parameter checkpoint (tools/import_hf), sharded on
+  `mesh`; the checkpoint gives the architecture, the config section `model` the compute dtype,
+  parameter dtype and remat policy."""
   if os.path.exists(os.path.join(source, "config.json")):
-    model, _ = load_hf(source, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
-    return model
-  return params_io.load_params(source, mesh, dtype=cfg.dtype)
+    return load_hf(source, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh,
+                   remat=model.remat)[0]
+  return params_io.load_params(source, mesh, dtype=model.dtype, remat=model.remat)

@@ -172,7 +172,8 @@ class _Checkpoint:
 
 
 def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
-            mesh: jax.sharding.Mesh | None = None) -> tuple[QwenVL, ModelConfig]:
+            mesh: jax.sharding.Mesh | None = None, remat: str = "none"
+            ) -> tuple[QwenVL, ModelConfig]:
   """Loads a Hugging Face Qwen2-VL / Qwen2.5-VL directory into a (sharded) `QwenVL`.
 
   Tensors are read one at a time and placed on the mesh directly (stacked layer weights are
@@ -182,7 +183,7 @@ def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32
     (model, model_config).
   """
   cfg = from_hf_config(read_hf_config(hf_dir), source=os.path.join(hf_dir, "config.json"),
-                       dtype=dtype, param_dtype=param_dtype)
+                       dtype=dtype, param_dtype=param_dtype, remat=remat)
   ckpt = _Checkpoint(hf_dir)
   specs = list(tensor_specs(cfg, ckpt.layout()))
   unexpected = set(ckpt.where) - {s.hf_name for s in specs}

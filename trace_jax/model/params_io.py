@@ -33,17 +33,18 @@ def save_params(model: QwenVL, out_dir: str) -> None:
     json.dump(model.cfg.to_dict(), f, indent=2)
 
 
-def load_params(ckpt_dir: str, mesh: jax.sharding.Mesh | None, *, dtype: str | None = None
-                ) -> QwenVL:
-  """Restores a model saved by `save_params`, sharded on `mesh` (or on one device)."""
+def load_params(ckpt_dir: str, mesh: jax.sharding.Mesh | None, *, dtype: str | None = None,
+                remat: str | None = None) -> QwenVL:
+  """Restores a model saved by `save_params`, sharded on `mesh` (or on one device); `dtype` and
+  `remat` replace the saved compute settings."""
   ckpt_dir = os.path.abspath(ckpt_dir)
   path = os.path.join(ckpt_dir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: not a trace_jax parameter checkpoint")
   with open(path) as f:
     cfg = ModelConfig.from_dict(json.load(f))
-  if dtype is not None:
-    cfg = dataclasses.replace(cfg, dtype=dtype)
+  overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
+  cfg = dataclasses.replace(cfg, **overrides)
   graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))))
   if mesh is not None:
     shardings = sharding.state_shardings(abs_state, mesh)

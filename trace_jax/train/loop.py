@@ -49,8 +49,8 @@ def build(config) -> Setup:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("data ready")
   tok = data_setup.make_tokenizer(config.data)
-  model_cfg = data_setup.with_token_ids(factory.model_config(config), tok)
-  model = sharding.create_sharded(setup.make_model_fn(config, model_cfg), mesh)
+  model = setup.create_model(config, mesh, tok)
+  model_cfg = model.cfg
   sharding.log_param_table(model, config.max_replicated_fraction)
   tx, schedule = setup.optimizer(config)
   graphdef, state = state_lib.init_state(model, tx, **setup.state_kwargs(config), mesh=mesh)

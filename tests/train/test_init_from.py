@@ -1,0 +1,50 @@
+"""Fine-tuning from a Hugging Face checkpoint: the loop starts from its weights, adds `<|emb|>`
+rows for the tokenizer and trains LoRA adapters, leaving the base weights frozen."""
+
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from configs import demo
+from tests.data import tokenizer_fixture
+from tests.model import reference
+from tests.model.reference import Case
+from trace_jax.data.tokenizer import HFTokenizer
+from trace_jax.model.hf_io import load_hf
+from trace_jax.train import checkpoint, loop
+
+
+def test_loop_fine_tunes_a_hugging_face_checkpoint(tmp_path):
+  hf_dir = str(tmp_path / "hf")
+  tok = tokenizer_fixture.qwen_like_tokenizer()
+  tokenizer_fixture.write_hf_dir(hf_dir, tok)
+  case = Case("init", "qwen2_5_vl", kv_heads=2, tie=False, grids=())
+  torch.manual_seed(0)
+  cfg = reference.hf_config(case, vocab=tok.get_vocab_size() + 8)  # Padded past the tokenizer.
+  transformers.Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(hf_dir)
+
+  config = demo.get_config("steps=2")
+  config.ckpt.init_from = hf_dir
+  config.data.tokenizer = f"{hf_dir}/tokenizer.json"
+  config.data.root = str(tmp_path / "world")
+  config.data.world_train, config.data.world_test = 48, 8
+  config.data.global_batch = 16
+  config.data.query_len, config.data.cand_len = 512, 256  # Byte-level BPE: long sequences.
+  config.data.query_buckets, config.data.cand_buckets = (), ()
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  config.optim.train_vision = False
+  config.log.every_steps = 1
+  workdir = str(tmp_path / "run")
+  loop.run(config, workdir)
+
+  s = loop.build(config)
+  state, step = checkpoint.restore_state(workdir, s.state)
+  assert step == 2
+  model = nnx.merge(s.graphdef, state.params["model"], state.frozen)
+  base, _ = load_hf(hf_dir, dtype="float32")
+  emb_id = HFTokenizer.from_dir(hf_dir).emb_id
+  assert model.cfg.text.vocab_size == max(cfg.text_config.vocab_size, emb_id + 1)
+  np.testing.assert_array_equal(np.asarray(model.decoder.layers.q.base.kernel[...]),
+                                np.asarray(base.decoder.layers.q.kernel[...]))
+  assert np.abs(np.asarray(model.decoder.layers.q.lora_b[...])).max() > 0  # Adapters trained.
