@@ -162,6 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.mode = "adaptive"
   # M-BEIR task names to evaluate (empty: all 16, or every task of the demo world).
   c.eval.tasks = ()
+  # "local": each task's own pool (the reported M-BEIR setting); "global": the union test pool.
+  c.eval.pool = "local"
   c.eval.batch_size = 32
   c.eval.prompt_buckets = (64, 128, 256, 512)
   # Longest reasoning the encoder writes before it must emit <|emb|>.

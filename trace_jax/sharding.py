@@ -42,6 +42,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("act_mlp", "tensor"),
   ("act_vocab", "tensor"),
   ("act_patches", None),
+  ("retrieval_rows", ("data", "fsdp", "tensor")),
 )
 
 _rules: list[tuple[tuple[str, Any], ...]] = [DEFAULT_RULES]

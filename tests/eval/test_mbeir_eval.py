@@ -37,3 +37,7 @@ def test_evaluate_writes_scores_embeddings_and_lists(tmp_path):
     assert len(lines) == 8 and all(len(x["ranked"]) == 10 for x in lines)
   assert set(saved["qps"]) == {"adaptive", "direct", "always_reason"}
   assert os.path.exists(os.path.join(workdir, "eval", "results.md"))
+
+  config.eval.pool, config.eval.qps_queries = "global", 0
+  union = mbeir_eval.evaluate(config, workdir)
+  assert union["pool"] == "global" and set(union["tasks"]) == set(saved["tasks"])

@@ -16,6 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _ROOT = flags.DEFINE_string("mbeir_root", None, "M-BEIR root (default: config.data.root).")
 _TASKS = flags.DEFINE_list("tasks", None, "Task names, e.g. cirr_task7,mscoco_task0.")
+_POOL = flags.DEFINE_enum("pool", None, ["local", "global"],
+                          "Candidate pool (default: config.eval.pool, local).")
 
 
 def main(argv):
@@ -24,6 +26,8 @@ def main(argv):
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
   if _TASKS.value:
     config.eval.tasks = tuple(_TASKS.value)
+  if _POOL.value:
+    config.eval.pool = _POOL.value
   from trace_jax.eval import mbeir_eval  # After XLA_FLAGS: it initialises JAX.
   report = mbeir_eval.evaluate(config, _WORKDIR.value, _ROOT.value)
   print(json.dumps({"average": report["average"], "qps": report["qps"]}))

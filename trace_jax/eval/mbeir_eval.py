@@ -37,21 +37,25 @@ def eval_tasks(config, root: str) -> list[mbeir.EvalTask]:
 
 
 def load_model(config, workdir: str):
-  """(model with the newest checkpoint's weights, tokenizer, step)."""
+  """(model with the newest checkpoint's weights, tokenizer, step, mesh)."""
   s = build(config)
   state, step = checkpoint.restore_state(workdir, s.state)
-  return nnx.merge(s.graphdef, state.params["model"], state.frozen), s.tok, step
+  return nnx.merge(s.graphdef, state.params["model"], state.frozen), s.tok, step, s.mesh
 
 
-def _items(task: mbeir.EvalTask, root: str):
+def _query_items(task: mbeir.EvalTask, root: str):
   instructions = mbeir.load_instructions(mbeir.instructions_file(root))
   queries = mbeir.load_queries(os.path.join(root, task.query_file))
-  pool = mbeir.load_pool(os.path.join(root, task.pool_file))
   target = mbeir.target_modality(task.task_id)
-  q_items = [Item(mbeir.query_text_with_instruction(q, target, instructions, mode="first"),
-                  q.image_path) for q in queries]
-  c_items = [Item(c.text, c.image_path) for c in pool.values()]
-  return queries, list(pool), q_items, c_items
+  return queries, [Item(mbeir.query_text_with_instruction(q, target, instructions, mode="first"),
+                        q.image_path) for q in queries]
+
+
+def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:
+  """(candidate ids, their embeddings) of a pool file."""
+  pool = mbeir.load_pool(path)
+  return list(pool), encoder.encode_candidates([Item(c.text, c.image_path)
+                                                for c in pool.values()])
 
 
 def _qps(encoder: Encoder, items, mode: str) -> float:
@@ -62,9 +66,15 @@ def _qps(encoder: Encoder, items, mode: str) -> float:
 
 
 def evaluate(config, workdir: str, root: str | None = None) -> dict:
-  """Runs the evaluation and writes WORKDIR/eval/*; returns the results dict."""
+  """Runs the evaluation and writes WORKDIR/eval/*; returns the results dict.
+
+  `eval.pool`: "local" scores each task against its own pool (M-BEIR's reported setting);
+  "global" against the union test pool, with no filtering of candidates by modality (as UniIR).
+  """
   root = root or config.data.root
-  model, tok, step = load_model(config, workdir)
+  if config.eval.pool not in ("local", "global"):
+    raise ValueError(f"eval.pool={config.eval.pool!r}; expected 'local' or 'global'")
+  model, tok, step, mesh = load_model(config, workdir)
   encoder = Encoder(model, tok, image_grid=config.data.image_grid, root=root,
                     batch_size=config.eval.batch_size, prompt_buckets=config.eval.prompt_buckets,
                     max_new_tokens=config.eval.max_new_tokens,
@@ -72,11 +82,13 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   results, qps = {}, {m: [] for m in MODES}
+  union = (_pool(mbeir.union_test_pool_file(root), encoder) if config.eval.pool == "global"
+           else None)
   for task in eval_tasks(config, root):
-    queries, dids, q_items, c_items = _items(task, root)
-    cands = encoder.encode_candidates(c_items)
+    queries, q_items = _query_items(task, root)
+    dids, cands = union or _pool(os.path.join(root, task.pool_file), encoder)
     enc = encoder.encode_queries(q_items, config.eval.mode)
-    scores, idx = top_k(enc.embeddings, cands, max(K_LIST))
+    scores, idx = top_k(enc.embeddings, cands, max(K_LIST), mesh=mesh)
     ranked = {q.qid: [dids[i] for i in row] for q, row in zip(queries, idx)}
     qrels = mbeir.load_qrels(os.path.join(root, task.qrels_file))
     results[task.name] = metrics.task_result(ranked, qrels, K_LIST, task.headline_k,
@@ -94,6 +106,7 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   report = metrics.summary(results)
   report["step"] = step
   report["encoder_mode"] = config.eval.mode
+  report["pool"] = config.eval.pool
   report["qps"] = {m: sum(n for n, _ in v) / sum(n / r for n, r in v) for m, v in qps.items() if v}
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(report, f, indent=2)
