@@ -174,6 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   # Metrics to WORKDIR/metrics.jsonl and a progress line on process 0, every this many steps.
   c.log.every_steps = 10
+  # Profiler trace of steps [start, stop) into WORKDIR/profile, e.g. (10, 13); () = none.
+  c.log.profile_steps = ()
   return c
 
 

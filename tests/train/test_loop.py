@@ -21,7 +21,7 @@ def command(world: str, workdir: str) -> list[str]:
           f"--workdir={workdir}", f"--config.data.root={world}", "--config.data.world_train=48",
           "--config.data.world_test=8", "--config.data.global_batch=16",
           "--config.optim.warmup_steps=0", "--config.log.every_steps=2",
-          "--config.ckpt.every_steps=2"]
+          "--config.ckpt.every_steps=2", "--config.log.profile_steps=(2,4)"]
 
 
 def env():
@@ -58,6 +58,9 @@ def test_metrics_and_checkpoints(uninterrupted):
     assert key in logged[-1]
   assert logged[-1]["loss/total"] < logged[0]["loss/total"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
+  assert os.listdir(os.path.join(workdir, "profile"))  # Steps 2 and 3 were traced.
 
 
 def test_sigkill_and_restart_reach_the_same_parameters(uninterrupted, tmp_path):

@@ -130,7 +130,7 @@ def prompt_text(candidate: bool, compact: bool) -> str:
 
 
 def readout_code(readout: str) -> str:
-  """Python lines (4-space indented, inside `read_embedding`) that set `pos` from `ids`/`emb`."""
+  """Lines of the README's `read_embedding` (2-space indented) that set `pos` from `ids`, `emb`."""
   if readout == "emb":
     return "  pos = emb\n"
   if readout == "end_of_reasoning":
@@ -148,8 +148,6 @@ def readme(info: dict, family: str) -> str:
   step4 = textwrap.fill(f"4. Readout `{readout}`: the state at {READOUTS[readout]}. The model "
                         "is causal, so that state does not depend on `<|emb|>` or anything after "
                         "it.", 96, subsequent_indent="   ")
-  eor = (f"EOR = {info['eor_token_id']}  # End-of-reasoning token id.\n"
-         if readout == "end_of_reasoning" else "")
   return f"""# TRACE retrieval embedding model
 
 Exported by trace_jax (`trace_jax/model/export.py`). The LoRA adapters are merged into the
@@ -187,7 +185,16 @@ the processor (`AutoProcessor`, when this directory has `preprocessor_config.jso
 `mm_token_type_ids` to the model too, and resize images as in training (`data.image_grid`).
 Without text, drop the `{{text}}\\n` before the rule line.
 
-```python
+{_readme_code(info, query, cand)}```
+"""
+
+
+def _readme_code(info: dict, query: str, cand: str) -> str:
+  """The README's Python snippet: embed candidates and queries with transformers."""
+  readout = info["readout"]
+  eor = (f"EOR = {info['eor_token_id']}  # End-of-reasoning token id.\n"
+         if readout == "end_of_reasoning" else "")
+  return f"""```python
 import torch
 import transformers
 
@@ -225,7 +232,6 @@ def embed_query(text, reason=True, max_new_tokens=256):
     ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=EMB, pad_token_id=EMB)
   return read_embedding(with_emb(ids))
-```
 """
 
 

@@ -32,7 +32,7 @@ def main(argv):
   from trace_jax.model.hf_config import read_hf_config
 
   with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):
-    model, tok, step = load_model(config, _WORKDIR.value)
+    model, tok, step = load_model(config, _WORKDIR.value)[:3]  # (model, tokenizer, step, ...)
   base = config.ckpt.init_from
   hf_base = bool(base) and os.path.exists(os.path.join(base, "config.json"))
   export(model, _OUT.value, tokenizer=tok, dtype=_DTYPE.value,

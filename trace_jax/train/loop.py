@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 from typing import Any
 
@@ -74,13 +75,16 @@ def run(config, workdir: str) -> dict:
     row, tokens = {}, 0
     step = int(start or 0)
     preempted = _Preemption()
+    profiler = _Profiler(workdir, tuple(config.log.profile_steps))
     while step < config.total_steps:
       host = next(data_iter)
       tokens += int(host["query_mask"].sum() + host["cand_mask"].sum()) * jax.process_count()
       batch = pipeline.to_global(host, s.mesh, s.model_cfg, tuple(config.data.image_grid))
+      profiler.before(step)
       with jax.set_mesh(s.mesh):
         state, metrics = train_step(state, batch)
       step += 1
+      profiler.after(step, metrics)
       stop = preempted.agreed()
       final = stop or step == config.total_steps
       log = step % config.log.every_steps == 0 or final
@@ -98,6 +102,7 @@ def run(config, workdir: str) -> dict:
         break
     mngr.wait_until_finished()
     mngr.close()
+    writer.close()
     preempted.restore()
   return row
 
@@ -108,6 +113,23 @@ def _check_finite(metrics, step: int) -> None:
     raise FloatingPointError(
       f"loss is {loss} at step {step}; stopping without saving (the last checkpoint is the last "
       "good state). Lower optim.lr or check the data.")
+
+
+class _Profiler:
+  """A `jax.profiler` trace of steps [start, stop) into WORKDIR/profile (empty range: none)."""
+
+  def __init__(self, workdir: str, steps: tuple[int, ...]):
+    self.dir = os.path.join(workdir, "profile")
+    self.start, self.stop = steps if steps else (-1, -1)
+
+  def before(self, step: int) -> None:
+    if step == self.start:
+      jax.profiler.start_trace(self.dir)
+
+  def after(self, step: int, metrics) -> None:
+    if step == self.stop:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
 
 
 class _Preemption:

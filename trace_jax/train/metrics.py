@@ -1,4 +1,5 @@
-"""Training metrics: `WORKDIR/metrics.jsonl` (one object per logged step) and a progress line.
+"""Training metrics: `WORKDIR/metrics.jsonl` (one object per logged step), TensorBoard event
+files under `WORKDIR/tensorboard` (tensorboardX, no TensorFlow) and a progress line.
 
 Only process 0 writes. This module computes no metric; the train step does.
 """
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -21,6 +23,7 @@ class MetricsWriter:
     self.total = total_steps
     self.active = jax.process_index() == 0
     self._last = (None, 0)  # (time, step) of the previous log.
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.active else None
 
   def write(self, step: int, metrics: dict, tokens: int) -> dict:
     """Logs `metrics` (device values) of `step`; `tokens` processed since the last log."""
@@ -34,8 +37,16 @@ class MetricsWriter:
     if self.active:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
+      for key, value in row.items():
+        if key != "step":
+          self.tb.add_scalar(key, value, step)
+      self.tb.flush()
       eta = row.get("perf/s_per_step", 0.0) * (self.total - step)
       print(f"step {step}/{self.total}  loss {row['loss/total']:.4f}  lm {row['loss/lm']:.4f}  "
             f"ret {row['loss/contrastive']:.4f}  top1 {row['contrastive/top1']:.2f}  "
             f"{row.get('perf/tokens_per_s', 0):.0f} tok/s  eta {eta:.0f}s", flush=True)
     return row
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
