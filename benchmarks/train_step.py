@@ -80,18 +80,21 @@ def torch_runner(hf_dir, q, c, pixels):
   import torch
   import transformers
   torch.manual_seed(0)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-    hf_dir, dtype=torch.float32)
+    hf_dir, dtype=torch.float32).to(dev)
   model.train()
   for p in model.model.visual.parameters():
     p.requires_grad_(False)
   for p in model.model.visual.merger.parameters():
     p.requires_grad_(True)
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-  qt, ct = torch.tensor(q, dtype=torch.long), torch.tensor(c, dtype=torch.long)
-  pix = torch.tensor(pixels.reshape(-1, pixels.shape[-1]))
-  grid = torch.tensor([IMG_GRID] * B)
+  qt = torch.tensor(q, dtype=torch.long, device=dev)
+  ct = torch.tensor(c, dtype=torch.long, device=dev)
+  pix = torch.tensor(pixels.reshape(-1, pixels.shape[-1]), device=dev)
+  grid = torch.tensor([IMG_GRID] * B, device=dev)
   mm = (qt == IMAGE).long()
+  labels = torch.arange(B, device=dev)
 
   def step():
     out = model(input_ids=qt, pixel_values=pix, image_grid_thw=grid, mm_token_type_ids=mm,
@@ -102,10 +105,12 @@ def torch_runner(hf_dir, q, c, pixels):
     ce = torch.nn.functional.normalize(
       model(input_ids=ct, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1],
       dim=-1)
-    ret = torch.nn.functional.cross_entropy(qe @ ce.T / TAU, torch.arange(B))
+    ret = torch.nn.functional.cross_entropy(qe @ ce.T / TAU, labels)
     opt.zero_grad()
     (lm + ret).backward()
     opt.step()
+    if dev == "cuda":
+      torch.cuda.synchronize()
   return step
 
 
@@ -183,6 +188,9 @@ def main():
   result = {"tokens_per_s": tokens / times["jax"], "ref_tokens_per_s": tokens / times["torch"],
             "ratio": times["torch"] / times["jax"],
             "mfu": flops / (times["jax"] / (rounds * steps)) / peak}
+  import jax
+  print(f"device: {jax.devices()[0].device_kind}; torch: "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
   print(f"parameters {n_params / 1e6:.1f} M, model TFLOP/step {flops / 1e12:.3f}, "
         f"peak matmul {peak / 1e9:.1f} GFLOP/s")
   print(f"trace_jax {result['tokens_per_s']:.0f} tok/s, transformers "
