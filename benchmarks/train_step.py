@@ -81,6 +81,9 @@ def torch_runner(hf_dir, q, c, pixels):
   import transformers
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
+  # JAX's default fp32 matmul precision on NVIDIA GPUs is TF32; give PyTorch the same.
+  torch.backends.cuda.matmul.allow_tf32 = True
+  torch.backends.cudnn.allow_tf32 = True
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
     hf_dir, dtype=torch.float32).to(dev)
   model.train()
