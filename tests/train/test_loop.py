@@ -3,6 +3,7 @@ SIGKILL and restarted reaching the same parameters bit for bit as an uninterrupt
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,3 +111,25 @@ def test_non_finite_loss_stops_without_saving(uninterrupted, tmp_path):
   assert "FloatingPointError: loss is" in proc.stderr and "at step 1" in proc.stderr
   ckpts = os.path.join(workdir, "checkpoints")
   assert not os.path.isdir(ckpts) or not os.listdir(ckpts)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(uninterrupted, tmp_path):
+  """A save cut off midway is a `<step>.orbax-checkpoint-tmp-*` folder: restarting ignores it,
+  resumes from the last complete checkpoint and reaches the same parameters."""
+  world, workdir = uninterrupted
+  crashed = str(tmp_path / "crashed")
+  shutil.copytree(workdir, crashed)
+  ckpts = os.path.join(crashed, "checkpoints")
+  shutil.rmtree(os.path.join(ckpts, "6"))
+  os.rename(os.path.join(ckpts, "4"), os.path.join(ckpts, "4.orbax-checkpoint-tmp-1234"))
+  for name in os.listdir(os.path.join(ckpts, "4.orbax-checkpoint-tmp-1234", "state")):
+    path = os.path.join(ckpts, "4.orbax-checkpoint-tmp-1234", "state", name)
+    if os.path.isfile(path):
+      with open(path, "r+b") as f:  # Half-written files.
+        f.truncate(os.path.getsize(path) // 2)
+  restart = subprocess.run(command(world, crashed), cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=600)
+  assert restart.returncode == 0, restart.stderr[-3000:]
+  assert "resumed from step 2" in restart.stderr + restart.stdout
+  for a, b in zip(params(crashed, 6), params(workdir, 6)):
+    np.testing.assert_array_equal(a, b)
