@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +43,8 @@ def _queries(name: str) -> dict[str, mbeir.Query]:
 
 
 @pytest.fixture(scope="module")
-def instructions() -> mbeir.InstructionTable:
-  return mbeir.load_instructions(mbeir.instructions_file(ROOT))
+def instructions() -> instruction_lib.InstructionTable:
+  return instruction_lib.load_instructions(mbeir.instructions_file(ROOT))
 
 
 # ------------------------------------------------------------------------------- the table
@@ -83,7 +84,7 @@ def test_counts_modalities_and_qrels_per_task(name):
   assert {c.modality for c in pool.values()} == {modality}
   task = mbeir.EVAL_TASKS_BY_NAME[name]
   assert all(q.task_id == task.task_id and q.dataset_id == task.dataset_id for q in queries)
-  assert all(mbeir.target_modality(q.task_id) == modality for q in queries)
+  assert all(instruction_lib.target_modality(q.task_id) == modality for q in queries)
   assert qrels == {q.qid: set(q.pos_cand_list) for q in queries}
 
 
@@ -171,33 +172,33 @@ def test_instruction_table_keys_and_dropped_empty_cell(instructions):
 ])
 def test_query_text_with_first_instruction(instructions, name, qid, expected):
   query = _queries(name)[qid]
-  cand_modality = mbeir.target_modality(query.task_id)
-  assert mbeir.query_text_with_instruction(query, cand_modality, instructions) == expected
+  cand_modality = instruction_lib.target_modality(query.task_id)
+  assert instruction_lib.query_text_with_instruction(query, cand_modality, instructions) == expected
 
 
 def test_random_instruction_is_seeded_and_skips_empty_cells(instructions):
   query = _queries("cirr_task7")["8:12"]
   prompts = instructions["8, image,text, image"]
-  draws = [mbeir.instruction_for(query, "image", instructions, mode="random",
-                                 rng=random.Random(seed)) for seed in range(40)]
-  assert set(draws) == {mbeir.format_string(p) for p in prompts}
-  again = [mbeir.instruction_for(query, "image", instructions, mode="random",
-                                 rng=random.Random(seed)) for seed in range(40)]
+  draws = [instruction_lib.instruction_for(query, "image", instructions, mode="random",
+                                           rng=random.Random(seed)) for seed in range(40)]
+  assert set(draws) == {instruction_lib.format_string(p) for p in prompts}
+  again = [instruction_lib.instruction_for(query, "image", instructions, mode="random",
+                                           rng=random.Random(seed)) for seed in range(40)]
   assert draws == again
   with pytest.raises(ValueError, match="rng"):
-    mbeir.instruction_for(query, "image", instructions, mode="random")
+    instruction_lib.instruction_for(query, "image", instructions, mode="random")
   with pytest.raises(ValueError, match="mode"):
-    mbeir.instruction_for(query, "image", instructions, mode="last")
+    instruction_lib.instruction_for(query, "image", instructions, mode="last")
   with pytest.raises(KeyError, match="8, image,text, text.*8:12"):
-    mbeir.instruction_for(query, "text", instructions)
+    instruction_lib.instruction_for(query, "text", instructions)
 
 
 def test_format_string_matches_uniir():
-  assert mbeir.format_string(None) == ""
-  assert mbeir.format_string('  "a cat"\r ') == "A cat."
-  assert mbeir.format_string("why?") == "Why?"
-  assert mbeir.format_string("Stop!") == "Stop!"
-  assert mbeir.format_string("Prompt. lower case") == "Prompt. lower case."
+  assert instruction_lib.format_string(None) == ""
+  assert instruction_lib.format_string('  "a cat"\r ') == "A cat."
+  assert instruction_lib.format_string("why?") == "Why?"
+  assert instruction_lib.format_string("Stop!") == "Stop!"
+  assert instruction_lib.format_string("Prompt. lower case") == "Prompt. lower case."
 
 
 # ------------------------------------------------------------------------------- images
@@ -316,10 +317,10 @@ def test_bad_instruction_rows(tmp_path):
   path = tmp_path / "query_instructions.tsv"
   path.write_text(header + "text\timage\tMSCOCO\t9\t\t\n")
   with _raises_at(path, 2, r"no prompt"):
-    mbeir.load_instructions(str(path))
+    instruction_lib.load_instructions(str(path))
   path.write_text(header + "text\timage\tMSCOCO\t9\ta\ntext\timage\tMSCOCO\t9\tb\n")
   with _raises_at(path, 3, r"duplicate .*'9, text, image'"):
-    mbeir.load_instructions(str(path))
+    instruction_lib.load_instructions(str(path))
 
 
 def test_task_files_on_a_copy_names_the_missing_file(tmp_path):

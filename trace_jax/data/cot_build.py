@@ -15,6 +15,7 @@ import os
 from typing import Iterable
 
 from trace_jax.data import cot, mbeir
+from trace_jax.data import instructions as instruction_lib
 from trace_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 
@@ -61,12 +62,12 @@ def _first_queries(path: str) -> dict[str, mbeir.Query]:
   return out
 
 
-def _query_side(query: mbeir.Query, table: mbeir.InstructionTable | None) -> str:
+def _query_side(query: mbeir.Query, table: instruction_lib.InstructionTable | None) -> str:
   """The query text, preceded by every prompt of its instruction row when a table is given."""
   if table is None:
     return query.text or ""
-  cand_modality = mbeir.target_modality(query.task_id)
-  key = mbeir.instruction_key(query.dataset_id, query.modality, cand_modality)
+  cand_modality = instruction_lib.target_modality(query.task_id)
+  key = instruction_lib.instruction_key(query.dataset_id, query.modality, cand_modality)
   if key not in table:
     raise KeyError(f"no instruction for key {key!r} (qid {query.qid})")
   return " ".join([*table[key], query.text or ""])
@@ -74,7 +75,7 @@ def _query_side(query: mbeir.Query, table: mbeir.InstructionTable | None) -> str
 
 def _context(record: cot.CoTRecord, where: str, queries: dict[str, mbeir.Query],
              queries_path: str, pool: dict[str, mbeir.Candidate], pool_path: str,
-             table: mbeir.InstructionTable | None) -> Context:
+             table: instruction_lib.InstructionTable | None) -> Context:
   """Joins a raw record with its query and positives; `where` (`raw:line`) prefixes errors."""
   query = queries.get(record.qid)
   if query is None:
@@ -110,7 +111,7 @@ def build(raw_path: str, queries_path: str, pool_path: str, out_path: str,
   raw = cot.read_cot_numbered(raw_path)
   queries = _first_queries(queries_path)
   pool = mbeir.load_pool(pool_path)
-  table = mbeir.load_instructions(instructions_path) if instructions_path else None
+  table = instruction_lib.load_instructions(instructions_path) if instructions_path else None
   contexts = {qid: _context(rec, f"{raw_path}:{n}", queries, queries_path, pool, pool_path, table)
               for qid, (n, rec) in raw.items()}
   kept, dropped = [], []

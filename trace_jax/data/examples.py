@@ -14,6 +14,7 @@ import random
 from typing import Any, Iterable
 
 from trace_jax.data import cot as cot_lib
+from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
 
@@ -42,7 +43,7 @@ class TrainExample:
 
 
 def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
-                   instructions: mbeir.InstructionTable,
+                   instructions: instruction_lib.InstructionTable,
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
                    instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
@@ -60,8 +61,8 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
     if did not in pool:
       raise KeyError(f"{where}: positive candidate {did} of query {query.qid} is not in the pool")
     cand = pool[did]
-    text = mbeir.query_text_with_instruction(query, cand.modality, instructions,
-                                             mode=instruction_mode, rng=rng)
+    text = instruction_lib.query_text_with_instruction(query, cand.modality, instructions,
+                                                       mode=instruction_mode, rng=rng)
     reasoning = None
     if cot is not None:
       if query.qid not in cot:
@@ -76,7 +77,7 @@ def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None
                instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
   reasoning from `cot_file` (None: every example is direct)."""
-  instructions = mbeir.load_instructions(mbeir.instructions_file(root))
+  instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
   cot = cot_lib.read_cot(cot_file) if cot_file else None
   out: list[TrainExample] = []
   for query_file, pool_file in files:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 from flax import nnx
 
+from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir, synthetic
 from trace_jax.eval import metrics
 from trace_jax.infer.encode import MODES, Encoder, Item
@@ -44,11 +45,11 @@ def load_model(config, workdir: str):
 
 
 def _query_items(task: mbeir.EvalTask, root: str):
-  instructions = mbeir.load_instructions(mbeir.instructions_file(root))
+  table = instruction_lib.load_instructions(mbeir.instructions_file(root))
   queries = mbeir.load_queries(os.path.join(root, task.query_file))
-  target = mbeir.target_modality(task.task_id)
-  return queries, [Item(mbeir.query_text_with_instruction(q, target, instructions, mode="first"),
-                        q.image_path) for q in queries]
+  target = instruction_lib.target_modality(task.task_id)
+  text = instruction_lib.query_text_with_instruction
+  return queries, [Item(text(q, target, table, mode="first"), q.image_path) for q in queries]
 
 
 def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:
