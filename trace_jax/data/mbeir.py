@@ -2,7 +2,7 @@
 
 What this is: strict parsers for the query JSONL, candidate-pool JSONL and qrels files; the table
 of the 16 evaluation tasks; and path helpers that find a task's files and a record's image under
-an M-BEIR root (the instruction TSV and UniIR's instruction rule are `instructions.py`). The field by
+an M-BEIR root (the instruction TSV and UniIR's rule: `instructions.py`). The field by
 field spec is `shared/MBEIR_FORMAT.md`; the reference code is TIGER-AI-Lab/UniIR @98dc570
 (`src/data/mbeir_dataset.py`, `src/data/preprocessing/utils.py`, `src/common/mbeir_retriever.py`).
 
