@@ -24,6 +24,8 @@ Options (each also read from the environment variable in brackets):
   --mount_dir=DIR       where to mount it [MOUNT_DIR, default \$HOME/gcs/BUCKET]
   --venv=DIR            virtualenv to activate, or 'none' [VENV, default $REPO/.venv if present]
   --python=BIN          interpreter when there is no venv [PYTHON, default python3]
+  --sweep=FILE          run every variant of a sweep file (trace_jax.tools.sweep) instead of
+                        one training run; WORKDIR holds one folder per variant [SWEEP]
   --config.a.b=v        passed to main as is (ml-collections overrides)
   -h, --help            this text
 Anything after \`--\` is passed to main as well.
@@ -47,6 +49,7 @@ BUCKET="${BUCKET:-}"
 MOUNT_DIR="${MOUNT_DIR:-}"
 VENV="${VENV:-}"
 PYTHON="${PYTHON:-python3}"
+SWEEP="${SWEEP:-}"
 EXTRA=()
 
 while (($#)); do
@@ -66,6 +69,7 @@ while (($#)); do
     --mount_dir) MOUNT_DIR="$val" ;;
     --venv) VENV="$val" ;;
     --python) PYTHON="$val" ;;
+    --sweep) SWEEP="$val" ;;
     *) die "unknown option '$key'" ;;
   esac
 done
@@ -102,5 +106,15 @@ fi
 mkdir -p "$WORKDIR/logs"
 log="$WORKDIR/logs/$(hostname).log"
 echo "worker $(hostname): config $CONFIG, workdir $WORKDIR, log $log"
-"$PYTHON" -m trace_jax.main --config="$CONFIG" --workdir="$WORKDIR" --num_processes=-1 \
-  ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$log"
+if [[ -n "$SWEEP" ]]; then
+  # Every worker runs the same sweep; each variant's main joins the pod's processes.
+  extra=(--extra=--num_processes=-1)
+  for flag in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    extra+=("--extra=$flag")
+  done
+  "$PYTHON" -m trace_jax.tools.sweep --sweep="$SWEEP" --config="$CONFIG" --workdir="$WORKDIR" \
+    "${extra[@]}" 2>&1 | tee -a "$log"
+else
+  "$PYTHON" -m trace_jax.main --config="$CONFIG" --workdir="$WORKDIR" --num_processes=-1 \
+    ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee -a "$log"
+fi

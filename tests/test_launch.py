@@ -184,6 +184,18 @@ def test_worker_lets_jax_detect_the_pod(tmp_path):
   assert len(logs) == 1 and "--num_processes=-1" in logs[0].read_text()
 
 
+def test_worker_runs_a_sweep_on_every_worker(tmp_path):
+  workdir = tmp_path / "wd"
+  out = _bash("worker.sh", "--venv=none", f"--python={_fake_python(tmp_path)}",
+              "--config=configs/demo.py", f"--workdir={workdir}",
+              "--sweep=configs/sweeps/lambda_gen.py", "--config.x=1")
+  assert out.returncode == 0, out.stderr
+  args = [line.split("|", 1)[1] for line in out.stdout.splitlines() if line.startswith("w|")]
+  assert args == ["-m", "trace_jax.tools.sweep", "--sweep=configs/sweeps/lambda_gen.py",
+                  "--config=configs/demo.py", f"--workdir={workdir}",
+                  "--extra=--num_processes=-1", "--extra=--config.x=1"]
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
