@@ -128,8 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ArrayRecord shards written by tools/convert_examples (images inline); when set, the pipeline
   # reads them instead of the files above.
   c.data.shards_dir = ""
-  # Train on reasoning targets (False: the direct-only ablation, <|emb|> alone for every query).
-  c.data.reasoning = True
+  # What a reasoning query learns before <|emb|>: full (reasoning + answer) | answer | reasoning;
+  # direct = the direct-only ablation (<|emb|> alone for every query).
+  c.data.target = "full"
   # Instruction prompt per query: "first" or "random" (UniIR draws one at random).
   c.data.instruction_mode = "random"
   # A tokenizer.json (Hugging Face) or .model (SentencePiece); "" = train one on the demo world.

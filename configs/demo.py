@@ -49,7 +49,7 @@ def get_config(arg: str = ""):
   c.loss.max_target_tokens = 64
   if args["ablation"] == "direct":
     c.loss.lambda_gen = 0.0
-    c.data.reasoning = False
+    c.data.target = "direct"
 
   c.data.root = WORLD
   c.data.generate_world = True

@@ -376,3 +376,12 @@ def test_build_instructions_count_as_query_text(tmp_path):
   assert build_cot.build(raw, queries, pool, out).dropped[cot.KEYWORD] == 1
   report = build_cot.build(raw, queries, pool, out, instructions_path=str(tsv))
   assert report.kept["reason"] == 1 and sum(report.dropped.values()) == 0
+
+
+def test_training_target_parts():
+  record = _reason("5:1", f"<reasoning>{GOOD_REASONING}</reasoning><answer>{GOOD_ANSWER}</answer>")
+  assert cot.training_target(record, "answer") == GOOD_ANSWER
+  assert cot.training_target(record, "reasoning") == GOOD_REASONING
+  assert cot.training_target(record, "full") == f"{GOOD_REASONING} {GOOD_ANSWER}"
+  with pytest.raises(ValueError, match="target part"):
+    cot.training_target(record, "both")

@@ -44,9 +44,8 @@ def test_paper_ablations_are_shipped():
     (16, 32), (32, 64), (128, 256), (128, 512), (256, 512)]
   readouts = [v["loss.readout"] for v in by_name["readout"]]
   assert readouts == ["pre_token", "emb", "end_of_reasoning"]
-  direct, full = by_name["training_data"]
-  assert (direct["data.reasoning"], direct["loss.lambda_gen"]) == (False, 0.0)
-  assert full["data.reasoning"] is True
+  targets = [(v["data.target"], v["loss.lambda_gen"]) for v in by_name["training_data"]]
+  assert targets == [("direct", 0.0), ("answer", 1.0), ("reasoning", 1.0), ("full", 1.0)]
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=SWEEP_NAMES)
@@ -183,8 +182,12 @@ def test_failed_variant_fails_the_command_after_the_others(tmp_path):
 
 
 def test_real_two_variant_sweep_of_the_tiny_demo(tmp_path):
-  """training_data.py (direct_only, full) on a 48-query world, 2 steps each: ~2 x 45 s."""
-  path = os.path.join(ROOT, "configs", "sweeps", "training_data.py")
+  """Two variants of training_data.py (direct_only, full) on a 48-query world, 2 steps each."""
+  path = str(tmp_path / "two.py")
+  with open(path, "w") as f:
+    f.write("def get_sweep():\n  return [\n"
+            "    {'name': 'direct_only', 'data.target': 'direct', 'loss.lambda_gen': 0.0},\n"
+            "    {'name': 'full', 'data.target': 'full', 'loss.lambda_gen': 1.0},\n  ]\n")
   workdir = tmp_path / "sweep"
   extra = (f"--config.total_steps=2 --config.data.root={tmp_path / 'world'} "
            "--config.data.world_train=48 --config.data.world_test=8 --config.data.global_batch=16 "

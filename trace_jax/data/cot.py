@@ -205,19 +205,27 @@ def join_target(reasoning: str, answer: str) -> str:
   return f"{reasoning} {answer}"
 
 
-def training_target(record: CoTRecord) -> str | None:
+TARGET_PARTS = ("full", "answer", "reasoning")  # The paper's training-data ablation.
+
+
+def training_target(record: CoTRecord, part: str = "full") -> str | None:
   """The text the model learns before `<|emb|>`: the tags stripped, reasoning then answer.
 
+  Args:
+    part: "full" (reasoning then answer), "answer" or "reasoning" alone (`data.target`).
   Returns:
-    `"{reasoning} {answer}"` (each block stripped, joined by a single space) for a reason record;
-    None for a direct record (its target is `<|emb|>` alone).
+    `"{reasoning} {answer}"` (each block stripped, joined by a single space) for a reason record,
+    or the one part asked for; None for a direct record (its target is `<|emb|>` alone).
 
   Raises:
     CoTFilterError: a reason record whose output fails the structure rule.
   """
+  if part not in TARGET_PARTS:
+    raise ValueError(f"target part {part!r}; expected one of {TARGET_PARTS}")
   if record.route == "direct":
     return None
-  return join_target(*parse_teacher_output(record.teacher_output))
+  reasoning, answer = parse_teacher_output(record.teacher_output)
+  return {"full": join_target(reasoning, answer), "answer": answer, "reasoning": reasoning}[part]
 
 
 # ------------------------------------------------------------------------------------ filters

@@ -45,11 +45,14 @@ class TrainExample:
 def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                    instructions: instruction_lib.InstructionTable,
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
-                   instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
+                   instruction_mode: str = "first", seed: int = 0,
+                   target: str = "full") -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
 
   Every query must have its positive in `pool` and, when `cot` is given, a CoT record (a missing
-  one is an error naming the file and query id: nothing is dropped silently).
+  one is an error naming the file and query id: nothing is dropped silently). `target` picks what
+  a reasoning example learns: "full", "answer", "reasoning" (`cot.training_target`), or "direct"
+  (no reasoning text at all: the direct-only ablation).
   """
   rng = random.Random(seed)
   out = []
@@ -67,14 +70,16 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
     if cot is not None:
       if query.qid not in cot:
         raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file")
-      reasoning = cot_lib.training_target(cot[query.qid])
+      if target != "direct":
+        reasoning = cot_lib.training_target(cot[query.qid], target)
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
                             reasoning, did, cand.text, cand.image_path))
   return out
 
 
 def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
-               instruction_mode: str = "first", seed: int = 0) -> list[TrainExample]:
+               instruction_mode: str = "first", seed: int = 0,
+               target: str = "full") -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
   reasoning from `cot_file` (None: every example is direct)."""
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
@@ -83,5 +88,5 @@ def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None
   for query_file, pool_file in files:
     pool = mbeir.load_pool(os.path.join(root, pool_file))
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
-                          instruction_mode=instruction_mode, seed=seed)
+                          instruction_mode=instruction_mode, seed=seed, target=target)
   return out

@@ -65,11 +65,8 @@ def with_token_ids(model_cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:
 def load_examples(data) -> list[TrainExample]:
   """Training examples of every (query file, pool file) pair, with routes from the CoT file."""
   cot_file = os.path.join(data.root, data.cot_file) if data.cot_file else None
-  out = load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
-                   seed=data.seed)
-  if not data.reasoning:  # The direct-only ablation: no reasoning targets at all.
-    out = [dataclasses.replace(e, reasoning=None) for e in out]
-  return out
+  return load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
+                    seed=data.seed, target=data.target)
 
 
 def bucket_sizes(data) -> Buckets:
