@@ -33,7 +33,9 @@ def main(argv):
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
   devices.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from trace_jax.train import loop  # Imported after XLA_FLAGS: it initialises JAX.
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  # trace_jax's own messages at INFO; libraries (Orbax, Grain, XLA) only from WARNING up.
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("trace_jax").setLevel(logging.INFO)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   last = loop.run(config, _WORKDIR.value)
   print(json.dumps({"final": last}))

@@ -27,6 +27,8 @@ from trace_jax.train import state as state_lib
 from trace_jax.train.metrics import MetricsWriter
 from trace_jax.train.step import StepConfig, make_train_step
 
+_log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Setup:
@@ -70,7 +72,7 @@ def run(config, workdir: str) -> dict:
     mngr = checkpoint.manager(workdir, config.ckpt.keep)
     state, start = checkpoint.restore_latest(mngr, s.state, data_iter)
     if start is not None:
-      logging.info("resumed from step %d", start)
+      _log.info("resumed from step %d", start)
     writer = MetricsWriter(workdir, config.total_steps)
     row, tokens = {}, 0
     step = int(start or 0)
@@ -96,7 +98,7 @@ def run(config, workdir: str) -> dict:
       checkpoint.save(mngr, step, state, data_iter, every_steps=config.ckpt.every_steps,
                       final=final)
       if stop:
-        logging.warning("SIGTERM: saved step %d, exiting", step)
+        _log.warning("SIGTERM: saved step %d, exiting", step)
         print(f"preempted: saved a checkpoint at step {step}; rerun the command to resume",
               flush=True)
         break
