@@ -16,10 +16,11 @@ matmul FLOP/s with a large matrix product and reports model FLOPs utilisation. L
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
+
+from trace_jax import devices as trace_devices
 
 B, TEXT, IMG_GRID, CAND, TARGETS, TAU = 16, 512, (1, 16, 16), 64, 64, 0.05
 IMAGE, VSTART, VEND = 4000, 4001, 4002
@@ -164,7 +165,7 @@ def main():
   rounds, steps = int(args.get("rounds", 3)), int(args.get("steps", 3))
   devices = int(args.get("devices", 1))
   if devices > 1:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    trace_devices.split_cpu(devices)
   import torch
   torch.manual_seed(0)
   cfg = hf_config()

@@ -15,6 +15,7 @@ images are always resized to the one `data.image_grid`. The iterator's state (`g
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -187,11 +188,16 @@ def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buc
   return ds
 
 
+@functools.lru_cache(maxsize=8)
+def _bucket_layout(vision_cfg, windowed: bool, image_grid: tuple[int, ...]):
+  """The vision layout of one bucket's image grid (the same for every step: computed once)."""
+  return vision_layout(np.asarray([image_grid]), vision_cfg, windowed=windowed)
+
+
 def to_global(host_batch: dict[str, np.ndarray], mesh, model_cfg, image_grid) -> dict:
   """This process's rows -> global `jax.Array`s sharded like the train step expects, plus the
   (replicated) vision layout of the bucket's image grid for both sides."""
-  layout = vision_layout(np.asarray([image_grid]), model_cfg.vision,
-                         windowed=model_cfg.family == "qwen2_5_vl")
+  layout = _bucket_layout(model_cfg.vision, model_cfg.family == "qwen2_5_vl", tuple(image_grid))
   batch = {k: v for k, v in host_batch.items() if k not in (SKIPPED, "task_id")}
   batch.update(query_layout=layout, cand_layout=layout)
   shardings = step_lib.batch_shardings(batch, mesh)
