@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.world_seed = 0
   c.data.world_train = 4000
   c.data.world_test = 200
+  # Side of the generated images in pixels; drawn at the size `image_grid` resizes to (14 px per
+  # patch), they lose no sharpness to resampling.
+  c.data.world_image_size = 56
   # (query file, candidate pool file) pairs under root, and the M-BEIR-CoT file ("" = all direct).
   c.data.train_files = (("query/union_train/mbeir_union_up_train.jsonl",
                          "cand_pool/global/mbeir_union_train_cand_pool.jsonl"),)
@@ -171,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 128
   # Queries per task timed in each encoder mode for queries/s (0 = skip the timing).
   c.eval.qps_queries = 64
+  # Timed rounds per task (modes alternate; each mode keeps its fastest round).
+  c.eval.qps_rounds = 3
+  # trace_jax.main evaluates the final checkpoint, prints a summary and writes plots (one process).
+  c.eval.after_train = False
 
   c.log = ml_collections.ConfigDict()
   # Metrics to WORKDIR/metrics.jsonl and a progress line on process 0, every this many steps.

@@ -1,7 +1,10 @@
 """Entry point: `python -m trace_jax.main --config=configs/demo.py --workdir=runs/demo`.
 
 Trains the config (resuming from WORKDIR when it holds a checkpoint) and writes metrics and
-checkpoints under WORKDIR. Evaluation is `trace_jax.eval`.
+checkpoints under WORKDIR. With `eval.after_train` (the demo's default) it then evaluates the final
+checkpoint (WORKDIR/eval/, as `python -m trace_jax.eval` does), prints a per-task summary and writes
+WORKDIR/curves.png (training curves) and WORKDIR/eval/routing.png (reasoning rate and recall per
+task).
 """
 
 from __future__ import annotations
@@ -39,6 +42,30 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   last = loop.run(config, _WORKDIR.value)
   print(json.dumps({"final": last}))
+  if config.eval.after_train:
+    _evaluate(config, _WORKDIR.value)
+
+
+def _evaluate(config, workdir: str) -> None:
+  """Evaluation, summary and plots after training (one process; pods run `trace_jax.eval`)."""
+  import jax  # Initialised by now.
+
+  from trace_jax.eval import mbeir_eval, metrics, plots
+  from trace_jax.tools import plot
+  if jax.process_count() > 1:
+    print(f"eval.after_train: not run in a {jax.process_count()}-process run; evaluate with "
+          f"`python -m trace_jax.eval --config=... --workdir={workdir}` on one host", flush=True)
+    return
+  report = mbeir_eval.evaluate(config, workdir)
+  print(f"\nevaluation of step {report['step']} ({report['encoder_mode']} encoder, "
+        f"{report['pool']} pools) -> {os.path.join(workdir, 'eval', 'results.json')}")
+  print(metrics.console_table(report), end="")
+  if report["qps"]:
+    rates = ", ".join(f"{m} {v:.1f}" for m, v in report["qps"].items())
+    print(f"queries/s over all tasks: {rates}")
+  for path in (plot.plot_run(workdir),
+               plots.routing_png(report, os.path.join(workdir, "eval", "routing.png"))):
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ SCENE = rules.make_scene([Obj(4, "blue", "square"), Obj(0, "red", "circle")])
 
 
 def test_caption_and_name_round_trip():
-  assert rules.caption(SCENE) == "a red circle at the top left and a blue square at the center"
+  assert rules.caption(SCENE) == "red circle top left and blue square center"
   assert rules.scene_name(SCENE) == "0-red-circle_4-blue-square"
   assert rules.parse_scene_name("a/b/0-red-circle_4-blue-square.jpg") == SCENE
 
@@ -94,10 +94,9 @@ def test_two_step_edit_on_same_object_says_it():
   teacher, target = rules.teach_edit(SCENE, [first, second])
   assert target == rules.make_scene([Obj(4, "blue", "square"), Obj(8, "blue", "circle")])
   assert teacher == (
-    "<reasoning>the image shows a red circle at the top left and a blue square at the center. "
-    "the red circle at the top left becomes blue. "
-    "the blue circle moves from the top left to the bottom right.</reasoning>"
-    "<answer>a blue square at the center and a blue circle at the bottom right</answer>")
+    "<reasoning>red circle top left and blue square center. circle becomes blue. "
+    "circle moves to bottom right.</reasoning>"
+    "<answer>blue square center and blue circle bottom right</answer>")
 
 
 def test_remove_then_edit_other_object():
@@ -105,7 +104,7 @@ def test_remove_then_edit_other_object():
            Edit("reshape", Obj(0, "red", "circle"), shape="triangle")]
   assert rules.edit_text(edits) == "remove the square and turn the circle into a triangle"
   _, target = rules.teach_edit(SCENE, edits)
-  assert rules.caption(target) == "a red triangle at the top left"
+  assert rules.caption(target) == "red triangle top left"
 
 
 def test_valid_edits_respect_max_objects():
@@ -127,6 +126,18 @@ def test_relational_questions_need_a_unique_referent():
   assert rules.question_text(q) == "what colour is the shape above the square?"
   assert rules.answer(q) == "red"
   assert TEACHER.match(rules.teach_question(three, q)).group(2) == "red"
+
+
+def test_question_teacher_restates_the_scene_then_locates():
+  circle, square = SCENE.objects
+  q = Question("rel_shape", square, circle, "below")
+  assert rules.teach_question(SCENE, q) == (
+    "<reasoning>red circle top left and blue square center. circle top left, below it: "
+    "blue square center.</reasoning><answer>square</answer>")
+  q = Question("yes_no", square, circle, "left of")
+  assert rules.teach_question(SCENE, q) == (
+    "<reasoning>red circle top left and blue square center. square center, circle top left: "
+    "square is not left of circle.</reasoning><answer>no</answer>")
 
 
 def test_yes_no_answers_follow_the_grid():
@@ -247,7 +258,7 @@ def test_routes_and_teacher_answers(world):
       assert row["route"] == "reason"
       reasoning, answer = TEACHER.match(row["teacher_output"]).groups()
       source = rules.parse_scene_name(q["query_img_path"])
-      assert reasoning.startswith(f"the image shows {rules.caption(source)}.")
+      assert reasoning.startswith(f"{rules.caption(source)}.")
       pos = pool[q["pos_cand_list"][0]]
       if task == 7:
         assert answer == rules.caption(rules.parse_scene_name(pos["img_path"]))

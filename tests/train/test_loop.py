@@ -22,7 +22,8 @@ def command(world: str, workdir: str) -> list[str]:
           f"--workdir={workdir}", f"--config.data.root={world}", "--config.data.world_train=48",
           "--config.data.world_test=8", "--config.data.global_batch=16",
           "--config.optim.warmup_steps=0", "--config.log.every_steps=2",
-          "--config.ckpt.every_steps=2", "--config.log.profile_steps=(2,4)"]
+          "--config.ckpt.every_steps=2", "--config.log.profile_steps=(2,4)",
+          "--config.eval.after_train=False"]
 
 
 def env():

@@ -22,7 +22,8 @@ def _command(world, workdir, *extra):
           f"--workdir={workdir}", f"--config.data.root={world}", "--config.data.world_train=48",
           "--config.data.world_test=8", "--config.data.global_batch=16",
           "--config.data.data_shards=2", "--config.optim.warmup_steps=0",
-          "--config.log.every_steps=1", "--config.ckpt.every_steps=3", *extra]
+          "--config.log.every_steps=1", "--config.ckpt.every_steps=3",
+          "--config.eval.after_train=False", *extra]
 
 
 def _losses(workdir):

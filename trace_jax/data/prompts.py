@@ -19,7 +19,7 @@ QUERY_RULE = ("Embed the query for retrieval. If it is simple, answer with the e
               "embedding token. Write nothing after the embedding token.")
 CANDIDATE_RULE = "Embed this candidate for retrieval. Answer with the embedding token only."
 # Compact prompts (no system turn, one-line rules) keep the CPU demo's sequences short.
-COMPACT_QUERY_RULE = "Embed the query; describe the target first if it is complex."
+COMPACT_QUERY_RULE = "Embed; reason first if complex."
 COMPACT_CANDIDATE_RULE = "Embed this."
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 

@@ -29,7 +29,7 @@ def ensure_world(data) -> None:
   """Generates the demo world at `data.root` when asked to and it is not there yet."""
   if data.generate_world and not os.path.exists(os.path.join(data.root, "world.json")):
     synthetic.generate_world(data.root, seed=data.world_seed, n_train=data.world_train,
-                             n_test=data.world_test)
+                             n_test=data.world_test, image_size=data.world_image_size)
 
 
 def make_tokenizer(data) -> Tokenizer:

@@ -44,8 +44,8 @@ class Obj:
     return POSITIONS[self.cell]
 
   def describe(self) -> str:
-    """E.g. "red circle at the top left" (no article)."""
-    return f"{self.colour} {self.shape} at the {self.position}"
+    """E.g. "red circle top left": terse, so that the CPU demo's sequences stay short."""
+    return f"{self.colour} {self.shape} {self.position}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,8 @@ def make_scene(objects: Sequence[Obj]) -> Scene:
 
 
 def caption(scene: Scene) -> str:
-  """Canonical caption, e.g. "a red circle at the top left and a blue square at the center"."""
-  parts = [f"a {o.describe()}" for o in scene.objects]
+  """Canonical caption, e.g. "red circle top left and blue square center"."""
+  parts = [o.describe() for o in scene.objects]
   return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -201,31 +201,32 @@ def _edit_phrase(edit: Edit, ref: str) -> str:
 
 
 def _edit_effect(edit: Edit) -> str:
-  """The teacher's sentence for one applied step."""
+  """The teacher's sentence for one applied step (the object named by its shape, which is unique
+  in a scene)."""
   t = edit.target
   if edit.op == "recolour":
-    return f"the {t.describe()} becomes {edit.colour}."
+    return f"{t.shape} becomes {edit.colour}."
   if edit.op == "move":
-    return f"the {t.colour} {t.shape} moves from the {t.position} to the {POSITIONS[edit.cell]}."
+    return f"{t.shape} moves to {POSITIONS[edit.cell]}."
   if edit.op == "reshape":
-    return f"the {t.describe()} becomes a {t.colour} {edit.shape}."
+    return f"{t.shape} becomes {edit.shape}."
   if edit.op == "remove":
-    return f"the {t.describe()} is removed."
-  return f"a {edit.colour} {edit.shape} is added at the {POSITIONS[edit.cell]}."
+    return f"{t.shape} is removed."
+  return f"{edit.colour} {edit.shape} is added {POSITIONS[edit.cell]}."
 
 
 def teach_edit(source: Scene, edits: Sequence[Edit]) -> tuple[str, Scene]:
   """The teacher output for a task-7 query, and the target scene.
 
   Returns:
-    (`"<reasoning>the image shows SOURCE. STEP. [STEP.]</reasoning><answer>TARGET</answer>"`,
-    target scene), where each STEP states the effect of one edit and TARGET is the target caption.
+    (`"<reasoning>SOURCE. STEP. [STEP.]</reasoning><answer>TARGET</answer>"`, target scene),
+    where SOURCE and TARGET are captions and each STEP states the effect of one edit.
   """
   scene, effects = source, []
   for edit in edits:
     effects.append(_edit_effect(edit))
     scene, _ = apply_edit(scene, edit)
-  reasoning = " ".join([f"the image shows {caption(source)}."] + effects)
+  reasoning = " ".join([f"{caption(source)}."] + effects)
   return _wrap(reasoning, caption(scene)), scene
 
 
@@ -297,40 +298,27 @@ def answer(q: Question) -> str:
 
 
 def _locate(q: Question) -> str:
-  """The teacher's sentence that finds the object the question points at."""
+  """The teacher's sentence that finds the object the question points at (and, for yes/no
+  questions, compares it with the anchor)."""
   s, a = q.subject, q.anchor
   if q.kind in ("colour_of", "where"):
-    return f"the {s.shape} is the {s.describe()}."
+    return f"{s.shape}: {s.describe()}."
   if q.kind == "shape_at":
-    return f"the shape at the {s.position} is the {s.describe()}."
+    return f"{s.position}: {s.describe()}."
   if q.kind == "yes_no":
-    verdict = "" if holds(q.relation, s, a) else "not "
-    return (f"the {s.shape} is at the {s.position} and the {a.shape} is at the {a.position}, "
-            f"so the {s.shape} is {verdict}{q.relation} the {a.shape}.")
-  return f"the {a.shape} is at the {a.position}. the shape {q.relation} it is the {s.describe()}."
-
-
-def _conclude(q: Question) -> str:
-  s = q.subject
-  if q.kind in ("colour_of", "rel_colour"):
-    return f"its colour is {s.colour}."
-  if q.kind in ("shape_at", "rel_shape"):
-    return f"it is a {s.shape}."
-  if q.kind == "where":
-    return f"it is at the {s.position}."
-  if q.kind == "rel_object":
-    return f"it is a {s.colour} {s.shape}."
-  return f"the answer is {answer(q)}."
+    verdict = "is" if holds(q.relation, s, a) else "is not"
+    return (f"{s.shape} {s.position}, {a.shape} {a.position}: "
+            f"{s.shape} {verdict} {q.relation} {a.shape}.")
+  return f"{a.shape} {a.position}, {q.relation} it: {s.describe()}."
 
 
 def teach_question(scene: Scene, q: Question) -> str:
   """The teacher output for a task-6 query.
 
   Returns:
-    `"<reasoning>the image shows SOURCE. LOCATE. CONCLUDE.</reasoning><answer>ANSWER</answer>"`.
+    `"<reasoning>SOURCE. LOCATE.</reasoning><answer>ANSWER</answer>"`, SOURCE being the caption.
   """
-  reasoning = " ".join([f"the image shows {caption(scene)}.", _locate(q), _conclude(q)])
-  return _wrap(reasoning, answer(q))
+  return _wrap(f"{caption(scene)}. {_locate(q)}", answer(q))
 
 
 def _wrap(reasoning: str, answer_text: str) -> str:

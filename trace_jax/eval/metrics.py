@@ -242,6 +242,34 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def console_table(report: Mapping[str, Any]) -> str:
+  """A plain-text table of a `summary` for the terminal: per task R@1, R@5, reasoning rate and,
+  when timed, queries/s in the adaptive and direct modes and their ratio; then the average.
+
+  Args:
+    report: the dict `mbeir_eval.evaluate` returns (task entries may carry "qps" per mode).
+
+  Returns:
+    The table, lines joined by newlines, with a trailing newline.
+  """
+  head = f"{'task':24s} {'R@1':>6s} {'R@5':>6s} {'reason':>7s} {'qps adapt':>10s} " \
+         f"{'qps direct':>10s} {'ratio':>6s}"
+  lines = [head, "-" * len(head)]
+  for name, r in report["tasks"].items():
+    qps = r.get("qps") or {}
+    adaptive, direct = qps.get("adaptive"), qps.get("direct")
+    ratio = adaptive / direct if adaptive and direct else None
+    lines.append(f"{name:24s} {_percent(r.get('recall@1')):>6s} {_percent(r.get('recall@5')):>6s} "
+                 f"{_percent(r.get('reason_rate')):>7s} {_number(adaptive, 1):>10s} "
+                 f"{_number(direct, 1):>10s} {_number(ratio, 2):>6s}")
+  lines.append(f"{'average (headline R@k)':24s} {_percent(report['average']):>6s}")
+  return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, digits: int) -> str:
+  return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _task_label(name: str) -> str:
   """`"mscoco_task0"` -> `"0. qt→ci"`; the bare name when it has no known task suffix."""
   match = _TASK_SUFFIX_RE.search(name)

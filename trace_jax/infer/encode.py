@@ -4,8 +4,9 @@ model chooses to (TRACE.md, "Inference: implicit routing").
 `adaptive` (default): one batched prefill; rows whose greedy first token is `<|emb|>` take the
 hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
 decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`, and the decode batch is
-compacted to the rows still reasoning (padded to a power of two, so few programs compile).
-`direct` forces `<|emb|>` first; `always_reason` forbids it as the first token. Readout is the
+compacted to the rows still reasoning (padded to a power of two, so few programs compile). The
+prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons, so
+a batch of simple queries costs what `direct` costs. `direct` forces `<|emb|>` first; `always_reason` forbids it as the first token. Readout is the
 pre-token (the paper's choice). Retrieval itself is in `retrieval.py`.
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -58,6 +60,15 @@ def _prefill(model, ids, mask, positions, pixels, layout, max_len: int = 0):
   last = jnp.sum(mask, axis=1) - 1
   h = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)[:, 0]
   return _unit(h), model.logits(h), out.cache
+
+
+@functools.partial(jax.jit, static_argnames="extra")
+def _grow(cache: KVCache, extra: int) -> KVCache:
+  """The cache with `extra` empty slots appended (room for the reasoning of the rows that write)."""
+  pad = [(0, 0)] * cache.k_lbskh.ndim
+  pad[2] = (0, extra)
+  return KVCache(jnp.pad(cache.k_lbskh, pad), jnp.pad(cache.v_lbskh, pad),
+                 jnp.pad(cache.valid_bs, ((0, 0), (0, extra))), cache.index, cache.next_position_b)
 
 
 @nnx.jit
@@ -142,7 +153,9 @@ class Encoder:
   def _encode_query_batch(self, items, mode):
     n, emb_id = len(items), self.tok.emb_id
     ids, mask, positions, pixels = self._batch(items, False)
-    max_len = 0 if mode == "direct" else ids.shape[1] + self.max_new_tokens
+    # The prefill caches the prompt only; the cache grows when some row goes on to reason, so a
+    # batch that routes every row to <|emb|> costs what the direct mode costs.
+    max_len = 0 if mode == "direct" else ids.shape[1]
     emb, logits, cache = _prefill(self.model, ids, mask, positions, pixels, self.layout,
                                   max_len=max_len)
     out, logits = np.array(emb)[:n], np.array(logits)[:n]
@@ -156,6 +169,8 @@ class Encoder:
     for row in active:
       generated[row].append(int(tokens[row]))
     held = np.arange(ids.shape[0])  # Which original row each cache row holds.
+    if len(active):
+      cache = _grow(cache, self.max_new_tokens)
     while len(active):
       keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
       cache, held = _take_rows(cache, held, keep), keep
