@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
                                    num_heads=4, num_kv_heads=2, tie_embeddings=True,
                                    mrope_section=(4, 6, 6), rope_theta=10000.0)
   c.model.vision = ml_collections.ConfigDict(dict(
-    depth=2, width=128, mlp_dim=256, num_heads=4, out_width=128, patch_size=14,
+    depth=2, width=64, mlp_dim=128, num_heads=2, out_width=128, patch_size=14,
     temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=56,
     fullatt_block_indexes=(1,), act="silu", rope_theta=10000.0, norm_eps=1e-6))
 
@@ -69,7 +69,7 @@ def get_config(arg: str = ""):
   c.data.query_buckets = (48,)
   c.data.cand_len = 24
   c.data.world_train = 12000
-  c.data.world_image_size = 84
+  c.data.world_image_size = 56
   c.data.train_files = tuple(
     (f"query/train/mbeir_synthetic_task{k}_train.jsonl",
      f"cand_pool/local/mbeir_synthetic_task{k}_train_cand_pool.jsonl") for k in TASKS)

@@ -6,8 +6,9 @@ hidden state of the last prompt token (the pre-token) from that same pass. Only 
 decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`, and the decode batch is
 compacted to the rows still reasoning (padded to a power of two, so few programs compile). The
 prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons, so
-a batch of simple queries costs what `direct` costs. `direct` forces `<|emb|>` first; `always_reason` forbids it as the first token. Readout is the
-pre-token (the paper's choice). Retrieval itself is in `retrieval.py`.
+a batch of simple queries costs what `direct` costs. `direct` forces `<|emb|>` first;
+`always_reason` forbids it as the first token. Readout is the pre-token (the paper's choice).
+Retrieval itself is in `retrieval.py`.
 """
 
 from __future__ import annotations
