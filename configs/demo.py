@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
   # out of order with the step's other collectives: seen with data=2 x fsdp=2 on the direct-only
   # variant.)
   c.cpu_devices = 4
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, 1, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, -1, 1  # fsdp -1: the devices left (1 here)
   # Small models replicate most bytes; the check matters for the released sizes.
   c.max_replicated_fraction = 1.0
 
