@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from trace_jax import devices
+from trace_jax.eval.demo_criteria import HARD, SIMPLE
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "The run's config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Training workdir with a checkpoint.")
@@ -31,15 +32,14 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per mode (the best is 
 
 # Share of hard (reasoning) queries: MSCOCO's 4% and CIRR's 62% (TRACE.md, routing rates).
 WORKLOADS = {"mscoco_like": 0.04, "cirr_like": 0.62}
-SIMPLE_TASKS, HARD_TASKS = (0, 3), (6, 7)
 
 
 def workload(items_by_task: dict[int, list], hard_share: float, n: int, seed: int) -> list:
   """`n` queries, round(n * hard_share) of them from the hard tasks, the rest simple, shuffled."""
   rng = random.Random(seed)
   n_hard = round(n * hard_share)
-  simple = [it for t in SIMPLE_TASKS for it in items_by_task[t]]
-  hard = [it for t in HARD_TASKS for it in items_by_task[t]]
+  simple = [it for t in SIMPLE for it in items_by_task[t]]
+  hard = [it for t in HARD for it in items_by_task[t]]
   if n_hard > len(hard) or n - n_hard > len(simple):
     raise ValueError(f"the world has {len(hard)} hard and {len(simple)} simple test queries; "
                      f"lower --queries={n}")
