@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = ["--config=configs/demo.py:dtype=bfloat16", "--config.lora.rank=4",
         "--config.data.global_batch=16", "--config.data.query_len=64",
         "--config.data.cand_len=32", "--config.data.image_grid=(1,4,4)",
-        "--config.loss.emb_token_id=504"]
+        "--config.loss.emb_token_id=504", "--config.mesh.data=2",
+        "--config.mesh.fsdp=1", "--config.mesh.tensor=2"]
 
 
 @pytest.mark.parametrize("name,want", [("v5e-4", "v5e:2x2"), ("v5e-256", "v5e:16x16"),
