@@ -172,6 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt_buckets = (64, 128, 256, 512)
   # Longest reasoning the encoder writes before it must emit <|emb|>.
   c.eval.max_new_tokens = 128
+  # Decoding steps per on-device loop; the decode batch is compacted between loops.
+  c.eval.decode_chunk = 16
   # Queries per task timed in each encoder mode for queries/s (0 = skip the timing).
   c.eval.qps_queries = 64
   # Timed rounds per task (modes alternate; each mode keeps its fastest round).

@@ -66,11 +66,13 @@ def setup(tmp_path_factory):
   return model, EmbAs(base, first[0]), items
 
 
-@pytest.mark.parametrize("mode", ["adaptive", "direct", "always_reason"])
-def test_batched_encoder_equals_naive_loop(setup, mode):
+# decode_chunk 2: rows that stop mid-chunk ride along, and the batch is compacted between chunks.
+@pytest.mark.parametrize("mode,chunk", [("adaptive", 16), ("adaptive", 2), ("direct", 16),
+                                        ("always_reason", 16), ("always_reason", 2)])
+def test_batched_encoder_equals_naive_loop(setup, mode, chunk):
   model, tok, items = setup
   enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
-                max_new_tokens=5, compact_prompts=True)
+                max_new_tokens=5, compact_prompts=True, decode_chunk=chunk)
   got = enc.encode_queries(items, mode)
   for i, it in enumerate(items):
     want_emb, written = naive(model, tok, it, 5, mode)
@@ -79,3 +81,9 @@ def test_batched_encoder_equals_naive_loop(setup, mode):
     assert got.reasoned[i] == bool(written)
   if mode == "adaptive":
     assert not got.reasoned[0] and got.reasoned.any()  # A mix: some rows embed at once.
+
+
+def test_decode_chunk_must_be_positive(setup):
+  model, tok, _ = setup
+  with pytest.raises(ValueError, match="decode_chunk"):
+    Encoder(model, tok, image_grid=GRID, decode_chunk=0)

@@ -58,7 +58,8 @@ def make_encoder(config, model, tok, root: str) -> Encoder:
   return Encoder(model, tok, image_grid=config.data.image_grid, root=root,
                  batch_size=config.eval.batch_size, prompt_buckets=config.eval.prompt_buckets,
                  max_new_tokens=config.eval.max_new_tokens,
-                 compact_prompts=config.data.compact_prompts)
+                 compact_prompts=config.data.compact_prompts,
+                 decode_chunk=config.eval.decode_chunk)
 
 
 def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:

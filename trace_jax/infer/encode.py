@@ -3,8 +3,10 @@ model chooses to (TRACE.md, "Inference: implicit routing").
 
 `adaptive` (default): one batched prefill; rows whose greedy first token is `<|emb|>` take the
 hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
-decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`, and the decode batch is
-compacted to the rows still reasoning (padded to a power of two, so few programs compile). The
+decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`: `decode_chunk` steps run as
+one on-device loop (no host round trip per token; it ends early when every row has stopped), and
+between chunks the decode batch is compacted to the rows still reasoning (padded to a power of
+two, so few programs compile); a finished row rides along at most to its chunk's end. The
 prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons, so
 a batch of simple queries costs what `direct` costs. `direct` forces `<|emb|>` first;
 `always_reason` forbids it as the first token. Readout is the pre-token (the paper's choice).
@@ -72,11 +74,34 @@ def _grow(cache: KVCache, extra: int) -> KVCache:
                  jnp.pad(cache.valid_bs, ((0, 0), (0, extra))), cache.index, cache.next_position_b)
 
 
-@nnx.jit
-def _decode(model, tokens, cache):
-  out = model.decode(tokens[:, None], cache)
-  h = out.hidden_states[:, 0]
-  return _unit(h), jnp.argmax(model.logits(h), axis=-1), out.cache
+@functools.partial(nnx.jit, static_argnames="steps")
+def _decode_chunk(model, tokens, counts, cache, emb_id, max_new, steps: int):
+  """Up to `steps` greedy steps in one program, for rows that all reason on entry.
+
+  tokens [B]: each row's latest token, not yet fed; counts [B]: tokens it has written. A row
+  stops at `<|emb|>` or `max_new` tokens; the loop ends early once every row has stopped.
+  Returns (the unit hidden state of each row's last fed token, the tokens written [B, steps]
+  (-1 after the row stopped), next tokens, counts, still reasoning [B], cache).
+  """
+  b = tokens.shape[0]
+
+  def body(c):
+    i, tokens, counts, active, h_out, written, cache = c
+    out = model.decode(tokens[:, None], cache)
+    h = out.hidden_states[:, 0]
+    nxt = jnp.argmax(model.logits(h), axis=-1).astype(tokens.dtype)
+    h_out = jnp.where(active[:, None], _unit(h), h_out)  # The pre-token once <|emb|> is next.
+    going = active & (nxt != emb_id) & (counts < max_new)
+    written = written.at[:, i].set(jnp.where(going, nxt, -1))
+    return (i + 1, jnp.where(going, nxt, tokens), counts + going, going, h_out, written,
+            out.cache)
+
+  init = (jnp.zeros((), jnp.int32), tokens, counts, jnp.ones((b,), bool),
+          jnp.zeros((b, model.cfg.text.width), jnp.float32), jnp.full((b, steps), -1, jnp.int32),
+          cache)
+  _, tokens, counts, active, h_out, written, cache = jax.lax.while_loop(
+    lambda c: (c[0] < steps) & jnp.any(c[3]), body, init)
+  return h_out, written, tokens, counts, active, cache
 
 
 def _bucket(n: int) -> int:
@@ -88,11 +113,14 @@ class Encoder:
 
   def __init__(self, model: QwenVL, tok: Tokenizer, *, image_grid: Sequence[int], root: str = "",
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
-               max_new_tokens: int = 96, compact_prompts: bool = False):
+               max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16):
     self.model, self.tok, self.root = model, tok, root
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
+    if decode_chunk < 1:
+      raise ValueError(f"decode_chunk={decode_chunk}; expected >= 1")
+    self.decode_chunk = decode_chunk
     cfg = model.cfg
     self.layout = vision_layout(np.asarray([self.grid]), cfg.vision,
                                 windowed=cfg.family == "qwen2_5_vl")
@@ -174,16 +202,18 @@ class Encoder:
       cache = _grow(cache, self.max_new_tokens)
     while len(active):
       keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
-      cache, held = _take_rows(cache, held, keep), keep
-      h, nxt, cache = _decode(self.model, jnp.asarray(tokens[keep], jnp.int32), cache)
-      h, nxt = np.asarray(h)[:len(active)], np.asarray(nxt)[:len(active)]
-      out[active] = h  # The latest token's state: the pre-token once <|emb|> comes next.
-      room = np.asarray([len(generated[r]) < self.max_new_tokens for r in active], bool)
-      going = (nxt != emb_id) & room
-      tokens[active[going]] = nxt[going]
-      for row, tok in zip(active[going], nxt[going]):
-        generated[row].append(int(tok))
-      active = active[going]  # Rows that wrote max_new_tokens keep their last token's state.
+      if not np.array_equal(keep, held):
+        cache, held = _take_rows(cache, held, keep), keep
+      counts = np.asarray([len(generated[r]) for r in keep], np.int32)
+      h, written, nxt, _, going, cache = _decode_chunk(
+        self.model, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
+        self.max_new_tokens, steps=self.decode_chunk)
+      m = len(active)
+      out[active] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
+      for row, new in zip(active, np.asarray(written)[:m]):
+        generated[row] += [int(t) for t in new if t >= 0]
+      tokens[active] = np.asarray(nxt)[:m]
+      active = active[np.asarray(going)[:m]]
     texts = [self.tok.decode(g) for g in generated]
     return out, texts, np.asarray([len(g) > 0 for g in generated])
 
