@@ -54,9 +54,12 @@ def _unit(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-@functools.partial(nnx.jit, static_argnames="max_len")
-def _prefill(model, ids, mask, positions, pixels, layout, max_len: int = 0):
+# The jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
+# graph on every call, which costs more than a decoding step of a small model.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, ids, mask, positions, pixels, layout, max_len: int = 0):
   """Embedding of the last prompt token, its next-token logits, and (max_len > 0) the cache."""
+  model = nnx.merge(graphdef, state)
   cache = KVCache.zeros(model.cfg, ids.shape[0], max_len) if max_len else None
   out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
               return_logits=False, cache=cache)
@@ -74,8 +77,8 @@ def _grow(cache: KVCache, extra: int) -> KVCache:
                  jnp.pad(cache.valid_bs, ((0, 0), (0, extra))), cache.index, cache.next_position_b)
 
 
-@functools.partial(nnx.jit, static_argnames="steps")
-def _decode_chunk(model, tokens, counts, cache, emb_id, max_new, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps: int):
   """Up to `steps` greedy steps in one program, for rows that all reason on entry.
 
   tokens [B]: each row's latest token, not yet fed; counts [B]: tokens it has written. A row
@@ -83,6 +86,7 @@ def _decode_chunk(model, tokens, counts, cache, emb_id, max_new, steps: int):
   Returns (the unit hidden state of each row's last fed token, the tokens written [B, steps]
   (-1 after the row stopped), next tokens, counts, still reasoning [B], cache).
   """
+  model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
 
   def body(c):
@@ -115,6 +119,7 @@ class Encoder:
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16):
     self.model, self.tok, self.root = model, tok, root
+    self._split = nnx.split(model)
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
@@ -163,7 +168,7 @@ class Encoder:
     out = []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
-      emb, _, _ = _prefill(self.model, *self._batch(chunk, True), self.layout, max_len=0)
+      emb, _, _ = _prefill(*self._split, *self._batch(chunk, True), self.layout, max_len=0)
       out.append(np.asarray(emb)[:len(chunk)])
     return np.concatenate(out)
 
@@ -185,7 +190,7 @@ class Encoder:
     # The prefill caches the prompt only; the cache grows when some row goes on to reason, so a
     # batch that routes every row to <|emb|> costs what the direct mode costs.
     max_len = 0 if mode == "direct" else ids.shape[1]
-    emb, logits, cache = _prefill(self.model, ids, mask, positions, pixels, self.layout,
+    emb, logits, cache = _prefill(*self._split, ids, mask, positions, pixels, self.layout,
                                   max_len=max_len)
     out, logits = np.array(emb)[:n], np.array(logits)[:n]
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -206,7 +211,7 @@ class Encoder:
         cache, held = _take_rows(cache, held, keep), keep
       counts = np.asarray([len(generated[r]) for r in keep], np.int32)
       h, written, nxt, _, going, cache = _decode_chunk(
-        self.model, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
+        *self._split, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
         self.max_new_tokens, steps=self.decode_chunk)
       m = len(active)
       out[active] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
@@ -221,6 +226,10 @@ class Encoder:
 def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray) -> KVCache:
   """The cache restricted (and reordered) to original rows `wanted`, given the rows it holds."""
   where = {int(r): i for i, r in enumerate(held)}
-  idx = jnp.asarray([where[int(r)] for r in wanted], jnp.int32)
+  return _gather_rows(cache, jnp.asarray([where[int(r)] for r in wanted], jnp.int32))
+
+
+@jax.jit
+def _gather_rows(cache: KVCache, idx: jax.Array) -> KVCache:
   return KVCache(cache.k_lbskh[:, idx], cache.v_lbskh[:, idx], cache.valid_bs[idx], cache.index,
                  cache.next_position_b[idx])
