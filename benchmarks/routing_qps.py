@@ -58,8 +58,8 @@ def main(argv):
     raise SystemExit(f"error: no checkpoint in {_WORKDIR.value}; train one first "
                      f"(python -m trace_jax.main --config=configs/demo.py "
                      f"--workdir={_WORKDIR.value})")
-  model, tok, step, _ = mbeir_eval.load_model(config, _WORKDIR.value)
-  encoder = mbeir_eval.make_encoder(config, model, tok, root)
+  model, tok, step, mesh = mbeir_eval.load_model(config, _WORKDIR.value)
+  encoder = mbeir_eval.make_encoder(config, model, tok, root, mesh)
   items_by_task = {t.task_id: mbeir_eval.query_items(t, root)[1]
                    for t in mbeir_eval.eval_tasks(config, root)}
   print(f"checkpoint step {step} of {_WORKDIR.value}; {_QUERIES.value} queries per workload, "

@@ -6,6 +6,7 @@ from flax import nnx
 
 from tests.data import pipeline_fixture as fx
 from tests.model import tiny
+from trace_jax import sharding
 from trace_jax.data import prompts
 from trace_jax.infer.encode import Encoder, Item
 from trace_jax.model import QwenVL
@@ -67,12 +68,16 @@ def setup(tmp_path_factory):
 
 
 # decode_chunk 2: rows that stop mid-chunk ride along, and the batch is compacted between chunks.
-@pytest.mark.parametrize("mode,chunk", [("adaptive", 16), ("adaptive", 2), ("direct", 16),
-                                        ("always_reason", 16), ("always_reason", 2)])
-def test_batched_encoder_equals_naive_loop(setup, mode, chunk):
+# On a mesh, each batch's rows are split over the 8 test devices.
+@pytest.mark.parametrize("mode,chunk,on_mesh", [
+  ("adaptive", 16, False), ("adaptive", 2, False), ("direct", 16, False),
+  ("always_reason", 16, False), ("always_reason", 2, False), ("adaptive", 2, True),
+  ("always_reason", 16, True)])
+def test_batched_encoder_equals_naive_loop(setup, mode, chunk, on_mesh):
   model, tok, items = setup
+  mesh = sharding.make_mesh(data=8, fsdp=1) if on_mesh else None
   enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
-                max_new_tokens=5, compact_prompts=True, decode_chunk=chunk)
+                max_new_tokens=5, compact_prompts=True, decode_chunk=chunk, mesh=mesh)
   got = enc.encode_queries(items, mode)
   for i, it in enumerate(items):
     want_emb, written = naive(model, tok, it, 5, mode)

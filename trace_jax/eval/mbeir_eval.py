@@ -53,13 +53,14 @@ def query_items(task: mbeir.EvalTask, root: str) -> tuple[list[mbeir.Query], lis
   return queries, [Item(text(q, target, table, mode="first"), q.image_path) for q in queries]
 
 
-def make_encoder(config, model, tok, root: str) -> Encoder:
-  """The routing encoder with the config's batch size, prompt buckets and reasoning limit."""
+def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
+  """The routing encoder with the config's batch size, prompt buckets and reasoning limit; with
+  `mesh`, each batch is split over its devices."""
   return Encoder(model, tok, image_grid=config.data.image_grid, root=root,
                  batch_size=config.eval.batch_size, prompt_buckets=config.eval.prompt_buckets,
                  max_new_tokens=config.eval.max_new_tokens,
                  compact_prompts=config.data.compact_prompts,
-                 decode_chunk=config.eval.decode_chunk)
+                 decode_chunk=config.eval.decode_chunk, mesh=mesh)
 
 
 def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:
@@ -97,7 +98,7 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   if config.eval.pool not in ("local", "global"):
     raise ValueError(f"eval.pool={config.eval.pool!r}; expected 'local' or 'global'")
   model, tok, step, mesh = load_model(config, workdir)
-  encoder = make_encoder(config, model, tok, root)
+  encoder = make_encoder(config, model, tok, root, mesh)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   results, qps = {}, {m: [] for m in MODES}

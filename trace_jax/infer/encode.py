@@ -1,20 +1,21 @@
 """The implicit-routing encoder: candidates in one pass; queries prefill, then reason only if the
 model chooses to (TRACE.md, "Inference: implicit routing").
 
-`adaptive` (default): one batched prefill; rows whose greedy first token is `<|emb|>` take the
-hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
-decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`: `decode_chunk` steps run as
-one on-device loop (no host round trip per token; it ends early when every row has stopped), and
-between chunks the decode batch is compacted to the rows still reasoning (padded to a power of
-two, so few programs compile); a finished row rides along at most to its chunk's end. The
-prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons, so
-a batch of simple queries costs what `direct` costs. `direct` forces `<|emb|>` first;
-`always_reason` forbids it as the first token. Readout is the pre-token (the paper's choice).
-Retrieval itself is in `retrieval.py`.
+`adaptive` (default): one batched prefill, without a KV cache, exactly as `direct` runs it (a batch
+of simple queries costs what `direct` costs); rows whose greedy first token is `<|emb|>` take the
+hidden state of the last prompt token (the pre-token) from it. Only the other rows are prefilled
+again, with a cache holding room for `max_new_tokens`, and decode greedily until `<|emb|>` or that
+limit: `decode_chunk` steps run as one on-device loop (no host round trip per token; it ends early
+once every row has stopped), and between chunks the decode batch is compacted to the rows still
+reasoning (padded to a power of two, so few programs compile); a finished row rides along at most
+to its chunk's end. With a `mesh`, every batch's rows are split over the devices. `direct` forces
+`<|emb|>` first; `always_reason` forbids it as the first token (and caches in its one prefill).
+Readout is the pre-token (the paper's choice). Retrieval itself is in `retrieval.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trace_jax import sharding
 from trace_jax.data import image as image_lib
 from trace_jax.data import prompts
 from trace_jax.data.tokenizer import Tokenizer
@@ -68,15 +70,6 @@ def _prefill(graphdef, state, ids, mask, positions, pixels, layout, max_len: int
   return _unit(h), model.logits(h), out.cache
 
 
-@functools.partial(jax.jit, static_argnames="extra")
-def _grow(cache: KVCache, extra: int) -> KVCache:
-  """The cache with `extra` empty slots appended (room for the reasoning of the rows that write)."""
-  pad = [(0, 0)] * cache.k_lbskh.ndim
-  pad[2] = (0, extra)
-  return KVCache(jnp.pad(cache.k_lbskh, pad), jnp.pad(cache.v_lbskh, pad),
-                 jnp.pad(cache.valid_bs, ((0, 0), (0, extra))), cache.index, cache.next_position_b)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
 def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps: int):
   """Up to `steps` greedy steps in one program, for rows that all reason on entry.
@@ -117,8 +110,11 @@ class Encoder:
 
   def __init__(self, model: QwenVL, tok: Tokenizer, *, image_grid: Sequence[int], root: str = "",
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
-               max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16):
-    self.model, self.tok, self.root = model, tok, root
+               max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
+               mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: the model's mesh; each batch's rows are then split over its batch axes (the
+    `act_batch` rule), so every device embeds its share instead of all repeating the batch."""
+    self.model, self.tok, self.root, self.mesh = model, tok, root, mesh
     self._split = nnx.split(model)
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
@@ -131,6 +127,18 @@ class Encoder:
                                 windowed=cfg.family == "qwen2_5_vl")
     self.patches = int(np.prod(self.grid))
     self.image_tokens = self.patches // cfg.vision.spatial_merge_size**2
+
+  def _on_mesh(self):
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def _put(self, ids, mask, positions, pixels):
+    """The host batch on the devices: rows split over the mesh's batch axes (when there is one)."""
+    if self.mesh is None:
+      return ids, mask, positions, pixels
+    put = functools.partial(sharding.put, mesh=self.mesh)
+    return (put(ids, names=("act_batch", None)), put(mask, names=("act_batch", None)),
+            put(positions, names=(None, "act_batch", None)),
+            put(pixels, names=("act_batch", None, None)))
 
   def _pixels(self, path):
     if path is None:
@@ -168,7 +176,9 @@ class Encoder:
     out = []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
-      emb, _, _ = _prefill(*self._split, *self._batch(chunk, True), self.layout, max_len=0)
+      with self._on_mesh():
+        emb, _, _ = _prefill(*self._split, *self._put(*self._batch(chunk, True)), self.layout,
+                             max_len=0)
       out.append(np.asarray(emb)[:len(chunk)])
     return np.concatenate(out)
 
@@ -178,20 +188,27 @@ class Encoder:
     embs, texts, reasoned = [], [], []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
-      e, t, r = self._encode_query_batch(chunk, mode)
+      with self._on_mesh():
+        e, t, r = self._encode_query_batch(chunk, mode)
       embs.append(e)
       texts += t
       reasoned.append(r)
     return Encoded(np.concatenate(embs), texts, np.concatenate(reasoned))
 
+  def _rows(self, active: np.ndarray) -> np.ndarray:
+    """`active` padded (with copies of its first row) to a power of two: few compiled shapes."""
+    return np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
+
   def _encode_query_batch(self, items, mode):
     n, emb_id = len(items), self.tok.emb_id
-    ids, mask, positions, pixels = self._batch(items, False)
-    # The prefill caches the prompt only; the cache grows when some row goes on to reason, so a
-    # batch that routes every row to <|emb|> costs what the direct mode costs.
-    max_len = 0 if mode == "direct" else ids.shape[1]
-    emb, logits, cache = _prefill(*self._split, ids, mask, positions, pixels, self.layout,
-                                  max_len=max_len)
+    host = self._batch(items, False)
+    t = host[0].shape[1]
+    # Adaptive prefills as direct does, without a KV cache, so a batch that routes every row to
+    # <|emb|> costs what direct costs; only the rows that reason are prefilled again, with room
+    # for their reasoning. Always-reason knows that every row reasons and caches at once.
+    cached = mode == "always_reason"
+    emb, logits, cache = _prefill(*self._split, *self._put(*host), self.layout,
+                                  max_len=t + self.max_new_tokens if cached else 0)
     out, logits = np.array(emb)[:n], np.array(logits)[:n]
     generated: list[list[int]] = [[] for _ in range(n)]
     if mode == "direct":
@@ -202,11 +219,15 @@ class Encoder:
     active = np.flatnonzero(tokens != emb_id)  # Rows that reason; the rest are done.
     for row in active:
       generated[row].append(int(tokens[row]))
-    held = np.arange(ids.shape[0])  # Which original row each cache row holds.
-    if len(active):
-      cache = _grow(cache, self.max_new_tokens)
+    held = np.arange(host[0].shape[0])  # Which original row each cache row holds.
+    if len(active) and not cached:
+      held = self._rows(active)
+      ids, mask, positions, pixels = host
+      rows = (ids[held], mask[held], positions[:, held], pixels[held])
+      _, _, cache = _prefill(*self._split, *self._put(*rows), self.layout,
+                             max_len=t + self.max_new_tokens)
     while len(active):
-      keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
+      keep = self._rows(active)
       if not np.array_equal(keep, held):
         cache, held = _take_rows(cache, held, keep), keep
       counts = np.asarray([len(generated[r]) for r in keep], np.int32)
