@@ -87,4 +87,5 @@ def get_config(arg: str = ""):
   # Queries/s over each task's whole test set (200 queries): a sample of 64 would hold task 0's
   # one reasoning query at 3x its real share.
   c.eval.qps_queries = 200
+  c.eval.qps_rounds = 5
   return c

@@ -8,6 +8,7 @@ generated reasoning) so results can be re-scored by other tools. Training is not
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -75,13 +76,16 @@ def task_qps(encoder: Encoder, items, rounds: int) -> dict[str, float]:
 
   Every mode runs once first (compiling its programs); then `rounds` rounds each time every mode
   in turn, and a mode's rate is its best round: on a shared machine the fastest run is the one
-  least disturbed by other work, and alternating keeps slow spells from favouring one mode.
+  least disturbed by other work, and alternating keeps slow spells from favouring one mode. The
+  order rotates each round (no mode always follows the slow always-reason pass) and garbage is
+  collected before each timed pass.
   """
   for mode in MODES:
     encoder.encode_queries(items, mode)
   best = dict.fromkeys(MODES, float("inf"))
-  for _ in range(rounds):
-    for mode in MODES:
+  for r in range(rounds):
+    for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+      gc.collect()
       start = time.perf_counter()
       encoder.encode_queries(items, mode)
       best[mode] = min(best[mode], time.perf_counter() - start)
