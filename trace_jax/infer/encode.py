@@ -112,8 +112,10 @@ class Encoder:
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
                mesh: jax.sharding.Mesh | None = None):
-    """`mesh`: the model's mesh; each batch's rows are then split over its batch axes (the
-    `act_batch` rule), so every device embeds its share instead of all repeating the batch."""
+    """The encoder keeps the model's weights as they are now (split once; build a new encoder
+    after changing them). `mesh`: the model's mesh; each batch's rows are then split over its
+    batch axes (the `act_batch` rule), so every device embeds its share instead of all repeating
+    the batch."""
     self.model, self.tok, self.root, self.mesh = model, tok, root, mesh
     self._split = nnx.split(model)
     self.grid = tuple(image_grid)
