@@ -77,7 +77,7 @@ def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps
   tokens [B]: each row's latest token, not yet fed; counts [B]: tokens it has written. A row
   stops at `<|emb|>` or `max_new` tokens; the loop ends early once every row has stopped.
   Returns (the unit hidden state of each row's last fed token, the tokens written [B, steps]
-  (-1 after the row stopped), next tokens, counts, still reasoning [B], cache).
+  (-1 after the row stopped), next tokens, still reasoning [B], cache).
   """
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
@@ -96,9 +96,9 @@ def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps
   init = (jnp.zeros((), jnp.int32), tokens, counts, jnp.ones((b,), bool),
           jnp.zeros((b, model.cfg.text.width), jnp.float32), jnp.full((b, steps), -1, jnp.int32),
           cache)
-  _, tokens, counts, active, h_out, written, cache = jax.lax.while_loop(
+  _, tokens, _, active, h_out, written, cache = jax.lax.while_loop(
     lambda c: (c[0] < steps) & jnp.any(c[3]), body, init)
-  return h_out, written, tokens, counts, active, cache
+  return h_out, written, tokens, active, cache
 
 
 def _bucket(n: int) -> int:
@@ -223,7 +223,7 @@ class Encoder:
       if extra or not np.array_equal(keep, held):
         cache, held, extra = _take_rows(cache, held, keep, extra), keep, 0
       counts = np.asarray([len(generated[r]) for r in keep], np.int32)
-      h, written, nxt, _, going, cache = _decode_chunk(
+      h, written, nxt, going, cache = _decode_chunk(
         *self._split, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
         self.max_new_tokens, steps=self.decode_chunk)
       m = len(active)
