@@ -9,7 +9,6 @@ examples/s of each and their ratio; the last line is one JSON object. Timing onl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -41,8 +40,8 @@ def step_rate(config, s) -> float:
   from trace_jax.data import setup as data_setup
   from trace_jax.train import setup
   from trace_jax.train import state as state_lib
-  from trace_jax.train.step import StepConfig, make_train_step
-  step_cfg = dataclasses.replace(StepConfig.from_config(config), emb_token_id=s.tok.emb_id)
+  from trace_jax.train.step import make_train_step
+  step_cfg = setup.step_config(config, s.tok)
   step = make_train_step(s.graphdef, step_cfg, s.tx, s.schedule, s.mesh,
                          state_lib.shardings_of(s.state), setup.abstract_batch(config, s.mesh))
   host = next(iter(data_setup.train_dataset(config, s.tok, s.model_cfg)))

@@ -83,11 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.vocab_chunk = 8192
   # LM-loss slots per query: targets beyond this are dropped and counted in `lm/dropped_targets`.
   c.loss.max_target_tokens = 256
-  # Embedding readout: pre_token (paper default) | emb (the <|emb|> token) | end_of_reasoning.
+  # Embedding readout: pre_token (paper default) | emb (the <|emb|> token) | end_of_reasoning
+  # (the last end-of-reasoning marker before <|emb|>; needs data.reasoning_marker).
   c.loss.readout = "pre_token"
-  # Token ids the readout needs (set from the tokenizer).
+  # The <|emb|> id (training takes it from the tokenizer).
   c.loss.emb_token_id = 151665
-  c.loss.eor_token_id = -1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -134,6 +134,14 @@ def base_config() -> ml_collections.ConfigDict:
   # What a reasoning query learns before <|emb|>: full (reasoning + answer) | answer | reasoning;
   # direct = the direct-only ablation (<|emb|> alone for every query).
   c.data.target = "full"
+  # Write an end-of-reasoning marker token (`</think>`) after the reasoning, before the answer;
+  # the tokenizer gets it as one token (loss.readout=end_of_reasoning reads it).
+  c.data.reasoning_marker = False
+  # Candidate-side reasoning (paper ablation): none (candidates embed at once, the paper's
+  # setting) | answer | full: the positive candidate of a reasoning query learns to write that
+  # part of the query's teacher output first (its LM loss joins L_gen); candidates are then
+  # encoded by generation. Raise data.cand_len to fit it.
+  c.data.cand_target = "none"
   # Instruction prompt per query: "first" or "random" (UniIR draws one at random).
   c.data.instruction_mode = "random"
   # A tokenizer.json (Hugging Face) or .model (SentencePiece); "" = train one on the demo world.

@@ -200,19 +200,23 @@ def parse_teacher_output(text: str) -> tuple[str, str]:
   return match.group(1).strip(), match.group(2).strip()
 
 
-def join_target(reasoning: str, answer: str) -> str:
-  """The training text of a parsed output: reasoning, one space, answer."""
-  return f"{reasoning} {answer}"
+def join_target(reasoning: str, answer: str, marker: str = "") -> str:
+  """The training text of a parsed output: reasoning, one space, answer; with `marker` (the
+  end-of-reasoning token, `data.reasoning_marker`), `"{reasoning} {marker} {answer}"`."""
+  return f"{reasoning} {marker} {answer}" if marker else f"{reasoning} {answer}"
 
 
 TARGET_PARTS = ("full", "answer", "reasoning")  # The paper's training-data ablation.
 
 
-def training_target(record: CoTRecord, part: str = "full") -> str | None:
+def training_target(record: CoTRecord, part: str = "full", marker: str = "") -> str | None:
   """The text the model learns before `<|emb|>`: the tags stripped, reasoning then answer.
 
   Args:
     part: "full" (reasoning then answer), "answer" or "reasoning" alone (`data.target`).
+    marker: an end-of-reasoning token written right after the reasoning ("" = none): between
+      reasoning and answer for "full", after the reasoning for "reasoning"; "answer" has no
+      reasoning to end, so no marker.
   Returns:
     `"{reasoning} {answer}"` (each block stripped, joined by a single space) for a reason record,
     or the one part asked for; None for a direct record (its target is `<|emb|>` alone).
@@ -225,7 +229,11 @@ def training_target(record: CoTRecord, part: str = "full") -> str | None:
   if record.route == "direct":
     return None
   reasoning, answer = parse_teacher_output(record.teacher_output)
-  return {"full": join_target(reasoning, answer), "answer": answer, "reasoning": reasoning}[part]
+  if part == "answer":
+    return answer
+  if part == "reasoning":
+    return f"{reasoning} {marker}" if marker else reasoning
+  return join_target(reasoning, answer, marker)
 
 
 # ------------------------------------------------------------------------------------ filters

@@ -17,6 +17,8 @@ from trace_jax.data import cot as cot_lib
 from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
+CAND_TARGETS = ("none", "answer", "full")  # Candidate-side reasoning (`data.cand_target`).
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
@@ -29,6 +31,9 @@ class TrainExample:
   cand_id: str
   cand_text: str | None
   cand_image: str | None
+  # What the candidate writes before `<|emb|>` (candidate-side reasoning, `data.cand_target`);
+  # None: it embeds at once (the paper's setting).
+  cand_reasoning: str | None = None
 
   @property
   def is_reasoning(self) -> bool:
@@ -45,15 +50,23 @@ class TrainExample:
 def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                    instructions: instruction_lib.InstructionTable,
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
-                   instruction_mode: str = "first", seed: int = 0,
-                   target: str = "full") -> list[TrainExample]:
+                   instruction_mode: str = "first", seed: int = 0, target: str = "full",
+                   cand_target: str = "none", marker: str = "") -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
 
   Every query must have its positive in `pool` and, when `cot` is given, a CoT record (a missing
   one is an error naming the file and query id: nothing is dropped silently). `target` picks what
   a reasoning example learns: "full", "answer", "reasoning" (`cot.training_target`), or "direct"
-  (no reasoning text at all: the direct-only ablation).
+  (no reasoning text at all: the direct-only ablation). `cand_target` ("none", "answer", "full"):
+  candidate-side reasoning, the paper's ablation. The positive candidate of a reasoning query
+  learns to write that part of the query's teacher output (whose answer describes this very
+  candidate) before its `<|emb|>`; candidates of direct queries write nothing. `marker`: the
+  end-of-reasoning token written after the reasoning (`data.reasoning_marker`), or "".
   """
+  if cand_target not in CAND_TARGETS:
+    raise ValueError(f"data.cand_target={cand_target!r}; expected one of {CAND_TARGETS}")
+  if cand_target != "none" and cot is None:
+    raise ValueError(f"data.cand_target={cand_target!r} needs an M-BEIR-CoT file (data.cot_file)")
   rng = random.Random(seed)
   out = []
   name = os.path.basename(query_file)
@@ -66,27 +79,30 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
     cand = pool[did]
     text = instruction_lib.query_text_with_instruction(query, cand.modality, instructions,
                                                        mode=instruction_mode, rng=rng)
-    reasoning = None
+    reasoning = cand_reasoning = None
     if cot is not None:
       if query.qid not in cot:
         raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file")
       if target != "direct":
-        reasoning = cot_lib.training_target(cot[query.qid], target)
+        reasoning = cot_lib.training_target(cot[query.qid], target, marker)
+      if cand_target != "none":
+        cand_reasoning = cot_lib.training_target(cot[query.qid], cand_target, marker)
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
-                            reasoning, did, cand.text, cand.image_path))
+                            reasoning, did, cand.text, cand.image_path, cand_reasoning))
   return out
 
 
 def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
-               instruction_mode: str = "first", seed: int = 0,
-               target: str = "full") -> list[TrainExample]:
+               instruction_mode: str = "first", seed: int = 0, target: str = "full",
+               cand_target: str = "none", marker: str = "") -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
-  reasoning from `cot_file` (None: every example is direct)."""
+  reasoning from `cot_file` (None: every example is direct); the keywords as `build_examples`."""
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
   cot = cot_lib.read_cot(cot_file) if cot_file else None
   out: list[TrainExample] = []
   for query_file, pool_file in files:
     pool = mbeir.load_pool(os.path.join(root, pool_file))
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
-                          instruction_mode=instruction_mode, seed=seed, target=target)
+                          instruction_mode=instruction_mode, seed=seed, target=target,
+                          cand_target=cand_target, marker=marker)
   return out

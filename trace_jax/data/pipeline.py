@@ -77,16 +77,17 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets) -> dict[str,
     ids = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), np.int32)
     positions = np.zeros((3, b, t), np.int32)
+    has_target = f"{side}_target_mask" in examples[0]  # Queries; candidates when they reason.
     target = np.zeros((b, t), np.int32)
     for i, (e, n) in enumerate(zip(examples, lengths)):
       ids[i, :n], mask[i, :n] = e[f"{side}_ids"], 1
       positions[:, i, :n] = e[f"{side}_positions"]
-      if side == "query":
-        target[i, :n] = e["query_target_mask"]
+      if has_target:
+        target[i, :n] = e[f"{side}_target_mask"]
     out.update({f"{side}_ids": ids, f"{side}_mask": mask, f"{side}_positions": positions,
                 f"{side}_pixels": np.stack([e[f"{side}_pixels"] for e in examples])})
-    if side == "query":
-      out["query_target_mask"] = target
+    if has_target:
+      out[f"{side}_target_mask"] = target
   for key in ("query_is_reasoning", "task_id"):
     out[key] = np.asarray([e[key] for e in examples], np.int32)
   out[SKIPPED] = np.int32(sum(int(e[SKIPPED]) for e in examples))

@@ -2,7 +2,8 @@
 
 The query prompt carries the task instruction, the query (text and/or image) and the retrieval
 rule: simple queries answer with `<|emb|>` alone, hard ones first describe the target
-(TRACE.md, "Prompts"). The candidate prompt demands `<|emb|>` only. The rule text names the token
+(TRACE.md, "Prompts"). The candidate prompt demands `<|emb|>` only (or, for the candidate-side
+reasoning ablation, allows a description first). The rule text names the token
 in words so that the only `<|emb|>` in a sequence is the one the model writes. This module does
 not read images or pad batches.
 """
@@ -18,9 +19,13 @@ QUERY_RULE = ("Embed the query for retrieval. If it is simple, answer with the e
               "only. If it is complex, first write a concise description of the target, then the "
               "embedding token. Write nothing after the embedding token.")
 CANDIDATE_RULE = "Embed this candidate for retrieval. Answer with the embedding token only."
+# Candidate-side reasoning (`data.cand_target`): the candidate may describe itself first.
+CANDIDATE_REASON_RULE = ("Embed this candidate for retrieval. First describe it concisely if "
+                         "needed, then write the embedding token. Write nothing after it.")
 # Compact prompts (no system turn, one-line rules) keep the CPU demo's sequences short.
 COMPACT_QUERY_RULE = "Embed; reason first if complex."
 COMPACT_CANDIDATE_RULE = "Embed this."
+COMPACT_CANDIDATE_REASON_RULE = "Embed this; describe it first if needed."
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
@@ -64,11 +69,24 @@ def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
 
 
 def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
-                     compact: bool = False) -> Encoded:
-  """The candidate prompt followed by `<|emb|>` (never reasoning: TRACE.md, "Model")."""
-  rule = COMPACT_CANDIDATE_RULE if compact else CANDIDATE_RULE
+                     compact: bool = False, *, may_reason: bool = False,
+                     reasoning: str | None = None) -> Encoded:
+  """The candidate prompt followed by `<|emb|>`: candidates never reason (TRACE.md, "Model").
+
+  `may_reason` is the candidate-side reasoning ablation: the prompt allows a description first,
+  the target is `reasoning <|emb|>` (or `<|emb|>` alone) and is supervised like a query's. Without
+  it, nothing of a candidate is a target.
+  """
+  if reasoning and not may_reason:
+    raise ValueError("a candidate target needs may_reason=True")
+  if may_reason:
+    rule = COMPACT_CANDIDATE_REASON_RULE if compact else CANDIDATE_REASON_RULE
+  else:
+    rule = COMPACT_CANDIDATE_RULE if compact else CANDIDATE_RULE
   prompt = _user_turn(tok, f"{text}\n{rule}" if text else rule, image_tokens, compact)
-  return Encoded(tuple(prompt + [tok.emb_id]), (0,) * (len(prompt) + 1), len(prompt))
+  target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
+  return Encoded(tuple(prompt + target), (0,) * len(prompt) + (int(may_reason),) * len(target),
+                 len(prompt))
 
 
 def required_tokens() -> tuple[str, ...]:

@@ -18,11 +18,16 @@ import jax
 from trace_jax.data import prompts, shards, synthetic
 from trace_jax.data.examples import TrainExample, load_split
 from trace_jax.data.pipeline import Buckets, group_by_task, make_dataset
-from trace_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from trace_jax.data.tokenizer import EOR_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from trace_jax.data.transforms import Shapes, ToArrays
 from trace_jax.model.config import ModelConfig
 
 DEMO_TOKENIZER = "tokenizer.model"
+# The demo tokenizer with the end-of-reasoning marker as one more symbol (a separate file: the
+# default one, and every run trained with it, stay unchanged).
+DEMO_MARKER_TOKENIZER = "tokenizer_eor.model"
+# Data fields whose effect ArrayRecord shards fix at conversion, with their defaults.
+SHARD_FIXED = {"target": "full", "cand_target": "none", "reasoning_marker": False}
 
 
 def ensure_world(data) -> None:
@@ -32,23 +37,42 @@ def ensure_world(data) -> None:
                              n_test=data.world_test, image_size=data.world_image_size)
 
 
+def marker(data) -> str:
+  """The end-of-reasoning token the targets carry (`data.reasoning_marker`), or ""."""
+  return EOR_TOKEN if data.reasoning_marker else ""
+
+
 def make_tokenizer(data) -> Tokenizer:
-  """The configured tokenizer, or the demo world's SentencePiece model (trained once)."""
+  """The configured tokenizer, or the demo world's SentencePiece model (trained once); with
+  `data.reasoning_marker`, `EOR_TOKEN` is one token of it (added to a Hugging Face tokenizer like
+  `<|emb|>`)."""
+  extra = (EOR_TOKEN,) if data.reasoning_marker else ()
   path = data.tokenizer
   if path.endswith(".json"):
-    return HFTokenizer.from_dir(os.path.dirname(path))
+    return HFTokenizer.from_dir(os.path.dirname(path), extra_special=extra)
   if path:
-    return SentencePieceTokenizer.from_file(path)
-  model = os.path.join(data.root, DEMO_TOKENIZER)
+    return _require(SentencePieceTokenizer.from_file(path), extra, path)
+  model = os.path.join(data.root, DEMO_MARKER_TOKENIZER if extra else DEMO_TOKENIZER)
   if os.path.exists(model):
-    return SentencePieceTokenizer.from_file(model)
+    return _require(SentencePieceTokenizer.from_file(model), extra, model)
   with open(os.path.join(data.root, "world.json")) as f:
     vocabulary = json.load(f)["vocabulary"]
   texts = [" ".join(vocabulary), prompts.SYSTEM, prompts.QUERY_RULE, prompts.CANDIDATE_RULE,
            prompts.COMPACT_QUERY_RULE, prompts.COMPACT_CANDIDATE_RULE,
            "system\nuser\nassistant\n"] + list(vocabulary)
   return SentencePieceTokenizer.train(texts * 8, model[:-len(".model")], data.tokenizer_vocab,
-                                      user_symbols=prompts.required_tokens())
+                                      user_symbols=prompts.required_tokens() + extra)
+
+
+def _require(tok: Tokenizer, tokens, path: str) -> Tokenizer:
+  for token in tokens:
+    try:
+      tok.token_to_id(token)
+    except KeyError:
+      raise ValueError(f"{path}: {token!r} is not one token of this tokenizer (needed by "
+                       "data.reasoning_marker); retrain it with the token as a user "
+                       "symbol") from None
+  return tok
 
 
 def with_token_ids(model_cfg: ModelConfig, tok: Tokenizer) -> ModelConfig:
@@ -66,7 +90,19 @@ def load_examples(data) -> list[TrainExample]:
   """Training examples of every (query file, pool file) pair, with routes from the CoT file."""
   cot_file = os.path.join(data.root, data.cot_file) if data.cot_file else None
   return load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
-                    seed=data.seed, target=data.target)
+                    seed=data.seed, target=data.target, cand_target=data.cand_target,
+                    marker=marker(data))
+
+
+def check_shards_targets(data) -> None:
+  """ArrayRecord shards hold the targets written when they were converted: the fields that would
+  change them must keep their defaults (else they would be ignored without a word)."""
+  changed = [f"data.{k}={getattr(data, k)!r}" for k, default in SHARD_FIXED.items()
+             if getattr(data, k) != default]
+  if changed:
+    raise ValueError(f"data.shards_dir={data.shards_dir!r} holds the targets fixed at conversion "
+                     f"(tools/convert_examples); {', '.join(changed)} needs the M-BEIR files "
+                     "(unset data.shards_dir)")
 
 
 def bucket_sizes(data) -> Buckets:
@@ -88,9 +124,11 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
   buckets = bucket_sizes(data)
   shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
   to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
-                       compact_prompts=data.compact_prompts)
+                       compact_prompts=data.compact_prompts,
+                       cand_may_reason=data.cand_target != "none")
   weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
   if data.shards_dir:  # ArrayRecord shards with the images inline (tools/convert_examples).
+    check_shards_targets(data)
     by_task = shards.split_by_task(shards.ExampleSource(data.shards_dir))
   else:
     by_task = group_by_task(load_examples(data))

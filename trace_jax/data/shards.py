@@ -98,7 +98,11 @@ def to_features(ex: TrainExample, root: str) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: an image is missing (names the example id and the path).
+    ValueError: the example has a candidate-side target, which the schema does not hold.
   """
+  if ex.cand_reasoning is not None:
+    raise ValueError(f"example {ex.example_id}: shards hold no candidate-side reasoning "
+                     "(data.cand_target trains from the M-BEIR files)")
   d = ex.to_dict()
   out: dict[str, Any] = {k: d[k] if d[k] is not None else "" for k in TEXT}
   out.update({f"has_{k}": d[k] is not None for k in OPTIONAL})

@@ -16,6 +16,9 @@ import sentencepiece as spm
 import tokenizers
 
 EMB_TOKEN = "<|emb|>"
+# End-of-reasoning marker, written between the reasoning and the answer when
+# `data.reasoning_marker` is on (the paper's `</think>` readout ablation).
+EOR_TOKEN = "</think>"
 
 _TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -49,33 +52,40 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizers.Tokenizer` with `<|emb|>` added as a special token.
+  """A Hugging Face `tokenizers.Tokenizer` with `<|emb|>` (and any `extra_special` tokens, e.g.
+  `EOR_TOKEN`) added as special tokens.
 
   Attributes:
-    num_base_tokens: vocab size (added tokens included) before `<|emb|>` was added.
-    added_ids: ids this wrapper added; empty when the tokenizer already had `<|emb|>`.
+    num_base_tokens: vocab size (added tokens included) before this wrapper added any.
+    added_ids: ids this wrapper added; empty when the tokenizer already had them all.
+    special: the tokens it guarantees: `<|emb|>`, then `extra_special`.
     source_dir: directory the tokenizer was read from, if any; `save` copies its
       `tokenizer_config.json`.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, *, source_dir: str | None = None):
-    """Wraps `tokenizer`, adding `EMB_TOKEN` to it in place when it is missing."""
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, source_dir: str | None = None,
+               extra_special: Sequence[str] = ()):
+    """Wraps `tokenizer`, adding each of `EMB_TOKEN` and `extra_special` to it in place when it
+    is missing."""
     self._tok = tokenizer
     self.source_dir = source_dir
     self.num_base_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
     self.added_ids: list[int] = []
-    if tokenizer.token_to_id(EMB_TOKEN) is None:
-      emb = tokenizers.AddedToken(EMB_TOKEN, special=True, normalized=False)
-      tokenizer.add_special_tokens([emb])
-      self.added_ids.append(tokenizer.token_to_id(EMB_TOKEN))
+    self.special = tuple(dict.fromkeys([EMB_TOKEN, *extra_special]))
+    for token in self.special:
+      if tokenizer.token_to_id(token) is None:
+        tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True,
+                                                            normalized=False)])
+        self.added_ids.append(tokenizer.token_to_id(token))
 
   @classmethod
-  def from_dir(cls, hf_dir: str) -> HFTokenizer:
+  def from_dir(cls, hf_dir: str, extra_special: Sequence[str] = ()) -> HFTokenizer:
     """Reads `hf_dir/tokenizer.json`; raises FileNotFoundError naming the path if it is missing."""
     path = os.path.join(hf_dir, _TOKENIZER_FILE)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return cls(tokenizers.Tokenizer.from_file(path), source_dir=hf_dir)
+    return cls(tokenizers.Tokenizer.from_file(path), source_dir=hf_dir,
+               extra_special=extra_special)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -100,14 +110,16 @@ class HFTokenizer:
   def save(self, out_dir: str) -> None:
     """Writes `tokenizer.json` and, if the source had one, `tokenizer_config.json` to `out_dir`.
 
-    The copied config gets `<|emb|>` in its `added_tokens_decoder`, so that
-    `transformers.AutoTokenizer.from_pretrained(out_dir)` maps it to the same id.
+    The copied config gets `<|emb|>` (and the other special tokens of this wrapper) in its
+    `added_tokens_decoder`, so that `transformers.AutoTokenizer.from_pretrained(out_dir)` maps
+    them to the same ids.
     """
     config = self._read_source_config()
     os.makedirs(out_dir, exist_ok=True)
     self._tok.save(os.path.join(out_dir, _TOKENIZER_FILE))
     if config is not None:
-      _register_added_token(config, EMB_TOKEN, self.emb_id)
+      for token in self.special:
+        _register_added_token(config, token, self.token_to_id(token))
       with open(os.path.join(out_dir, _TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
         f.write("\n")

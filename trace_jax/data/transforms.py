@@ -47,12 +47,14 @@ class ToArrays(grain.transforms.Map):
   """TrainExample dict -> unpadded arrays of one example (see module docstring)."""
 
   def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, shapes: Shapes, root: str,
-               on_bad_example: str = "error", compact_prompts: bool = False):
+               on_bad_example: str = "error", compact_prompts: bool = False,
+               cand_may_reason: bool = False):
     if on_bad_example not in ("error", "skip"):
       raise ValueError(f"data.on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
     self.tok, self.cfg, self.shapes, self.root = tokenizer, model_cfg, shapes, root
     self.on_bad_example = on_bad_example
     self.compact = compact_prompts
+    self.cand_may_reason = cand_may_reason  # Candidate-side reasoning: candidates get targets.
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
@@ -97,10 +99,13 @@ class ToArrays(grain.transforms.Map):
     query = self._side(
       prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning, self.compact), q_img,
       self.shapes.max_query_len, "query")
-    cand = self._side(prompts.encode_candidate(self.tok, ex.cand_text, c_img, self.compact), c_img,
-                      self.shapes.max_cand_len, "candidate")
+    cand = self._side(
+      prompts.encode_candidate(self.tok, ex.cand_text, c_img, self.compact,
+                               may_reason=self.cand_may_reason, reasoning=ex.cand_reasoning),
+      c_img, self.shapes.max_cand_len, "candidate")
     out = {f"query_{k}": v for k, v in query.items()}
-    out.update({f"cand_{k}": v for k, v in cand.items() if k != "target_mask"})
+    out.update({f"cand_{k}": v for k, v in cand.items()
+                if k != "target_mask" or self.cand_may_reason})
     out.update(query_pixels=q_pixels, cand_pixels=c_pixels,
                query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id))
     return out

@@ -18,6 +18,7 @@ from flax import nnx
 
 from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir, synthetic
+from trace_jax.data import setup as data_setup
 from trace_jax.eval import metrics
 from trace_jax.infer.encode import MODES, Encoder, Item
 from trace_jax.infer.retrieval import top_k
@@ -55,13 +56,17 @@ def query_items(task: mbeir.EvalTask, root: str) -> tuple[list[mbeir.Query], lis
 
 
 def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
-  """The routing encoder with the config's batch size, prompt buckets and reasoning limit; with
-  `mesh`, each batch is split over its devices."""
+  """The routing encoder with the config's batch size, prompt buckets, reasoning limit and the
+  readout and candidate prompt the model was trained with; with `mesh`, each batch is split over
+  its devices."""
+  marker = data_setup.marker(config.data)
   return Encoder(model, tok, image_grid=config.data.image_grid, root=root,
                  batch_size=config.eval.batch_size, prompt_buckets=config.eval.prompt_buckets,
                  max_new_tokens=config.eval.max_new_tokens,
                  compact_prompts=config.data.compact_prompts,
-                 decode_chunk=config.eval.decode_chunk, mesh=mesh)
+                 decode_chunk=config.eval.decode_chunk, mesh=mesh, readout=config.loss.readout,
+                 eor_id=tok.token_to_id(marker) if marker else -1,
+                 cand_reasoning=config.data.cand_target != "none")
 
 
 def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:

@@ -9,7 +9,14 @@ between chunks the decode batch is compacted to the rows still reasoning (padded
 two, so few programs compile); a finished row rides along at most to its chunk's end. The
 prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons.
 With a `mesh`, every batch's rows are split over the devices. `direct` forces `<|emb|>` first;
-`always_reason` forbids it as the first token. Readout is the pre-token (the paper's choice).
+`always_reason` forbids it as the first token.
+
+Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
+`loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
+after routing and decoding one more forward pass runs over each row's prompt + generated text +
+`<|emb|>` and reads the position the train step reads (`train.step.readout_index`); candidates
+then feed `<|emb|>` with their prompt. With `cand_reasoning` (the candidate-side reasoning
+ablation) candidates use the reasoning candidate prompt and are encoded like adaptive queries.
 Retrieval itself is in `retrieval.py`.
 """
 
@@ -32,6 +39,7 @@ from trace_jax.data.tokenizer import Tokenizer
 from trace_jax.model.decoder import KVCache
 from trace_jax.model.positions import rope_index, vision_layout
 from trace_jax.model.qwen_vl import QwenVL
+from trace_jax.train.step import READOUTS, readout_index
 
 MODES = ("adaptive", "direct", "always_reason")
 
@@ -59,14 +67,14 @@ def _unit(x):
 # The jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
 # graph on every call, which costs more than a decoding step of a small model.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, ids, mask, positions, pixels, layout, max_len: int = 0):
-  """Embedding of the last prompt token, its next-token logits, and (max_len > 0) the cache."""
+def _prefill(graphdef, state, ids, mask, positions, pixels, layout, read, max_len: int = 0):
+  """Unit hidden state at position `read` [B] of each row, its next-token logits, and
+  (max_len > 0) the cache."""
   model = nnx.merge(graphdef, state)
   cache = KVCache.zeros(model.cfg, ids.shape[0], max_len) if max_len else None
   out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
               return_logits=False, cache=cache)
-  last = jnp.sum(mask, axis=1) - 1
-  h = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)[:, 0]
+  h = jnp.take_along_axis(out.hidden_states, read[:, None, None], axis=1)[:, 0]
   return _unit(h), model.logits(h), out.cache
 
 
@@ -111,11 +119,18 @@ class Encoder:
   def __init__(self, model: QwenVL, tok: Tokenizer, *, image_grid: Sequence[int], root: str = "",
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, readout: str = "pre_token",
+               eor_id: int = -1, cand_reasoning: bool = False):
     """The encoder keeps the model's weights as they are now (split once; build a new encoder
     after changing them). `mesh`: the model's mesh; each batch's rows are then split over its
     batch axes (the `act_batch` rule), so every device embeds its share instead of all repeating
-    the batch."""
+    the batch. `readout`, `eor_id`: as the model was trained (`loss.readout`, the marker's id);
+    `cand_reasoning`: candidates were trained to write text first (`data.cand_target`)."""
+    if readout not in READOUTS:
+      raise ValueError(f"readout={readout!r}; expected one of {READOUTS}")
+    if readout == "end_of_reasoning" and eor_id < 0:
+      raise ValueError("readout='end_of_reasoning' needs the end-of-reasoning token id (eor_id)")
+    self.readout, self.eor_id, self.cand_reasoning = readout, eor_id, cand_reasoning
     self.model, self.tok, self.root, self.mesh = model, tok, root, mesh
     self._split = nnx.split(model)
     self.grid = tuple(image_grid)
@@ -148,16 +163,20 @@ class Encoder:
     full = path if not self.root else f"{self.root}/{path}"
     return image_lib.resize_to_grid(full, self.grid[1:])[0]
 
-  def _batch(self, items: Sequence[Item], candidates: bool):
-    """Right-padded prompt ids, mask, positions and pixels of up to `batch_size` items."""
-    seqs = []
-    for it in items:
-      n_img = self.image_tokens if it.image else 0
-      enc = (prompts.encode_candidate(self.tok, it.text, n_img, self.compact) if candidates else
-             prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact))
-      seqs.append(enc.ids[:enc.prompt_len])
+  def _prompt(self, it: Item, candidate: bool) -> list[int]:
+    n_img = self.image_tokens if it.image else 0
+    enc = (prompts.encode_candidate(self.tok, it.text, n_img, self.compact,
+                                    may_reason=self.cand_reasoning) if candidate else
+           prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact))
+    return list(enc.ids[:enc.prompt_len])
+
+  def _pack(self, seqs: Sequence[Sequence[int]], items: Sequence[Item], pixels=None,
+            grow: bool = False):
+    """Right-padded ids, mask, positions and pixels (computed unless given) of up to
+    `batch_size` sequences, padded to the smallest prompt bucket that fits; `grow`: sequences
+    longer than every bucket (prompts with their generated text) take the next power of two."""
     longest = max(map(len, seqs))
-    t = next((b for b in self.buckets if b >= longest), None)
+    t = next((b for b in self.buckets if b >= longest), _bucket(longest) if grow else None)
     if t is None:
       raise ValueError(f"a prompt of {longest} tokens exceeds the largest bucket {self.buckets}")
     b = self.batch_size
@@ -168,52 +187,76 @@ class Encoder:
       grid = np.asarray([self.grid]) if it.image else None
       positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, grid, self.model.cfg)[:, 0]
     mask[len(items):, 0] = 1  # Filler rows: one visible token keeps their softmax defined.
-    pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
-    for i, it in enumerate(items):
-      pixels[i] = self._pixels(it.image)
+    if pixels is None:
+      pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
+      for i, it in enumerate(items):
+        pixels[i] = self._pixels(it.image)
     return ids, mask, positions, pixels
 
+  def _read(self, batch, read: Sequence[int]) -> np.ndarray:
+    """Unit hidden states [n, D] at positions `read` (one per item) of a packed batch: one
+    forward pass (inside the mesh context)."""
+    n = len(read)
+    read = np.pad(np.asarray(read, np.int32), (0, batch[0].shape[0] - n))
+    emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
+                         max_len=0)
+    return np.asarray(emb)[:n]
+
+  def _readout(self, seqs, items, pixels) -> np.ndarray:
+    """Embeddings of full sequences (prompt, generated text, `<|emb|>`) at the trained readout."""
+    batch = self._pack(seqs, items, pixels, grow=True)
+    read = readout_index(jnp.asarray(batch[0]), self.readout, self.tok.emb_id, self.eor_id)
+    return self._read(batch, np.asarray(read)[:len(seqs)])
+
   def encode_candidates(self, items: Sequence[Item]) -> np.ndarray:
-    """[N, D] embeddings from one forward pass per batch (candidates never reason)."""
+    """[N, D] embeddings: one forward pass per batch (with `cand_reasoning`, the adaptive
+    query path with the candidate prompt)."""
+    if self.cand_reasoning:
+      return self._encode(items, "adaptive", candidate=True).embeddings
     out = []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
+      seqs = [self._prompt(it, True) for it in chunk]
+      if self.readout == "emb":  # The other readouts read the last prompt token here.
+        seqs = [s + [self.tok.emb_id] for s in seqs]
       with self._on_mesh():
-        emb, _, _ = _prefill(*self._split, *self._put(*self._batch(chunk, True)), self.layout,
-                             max_len=0)
-      out.append(np.asarray(emb)[:len(chunk)])
+        out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
     return np.concatenate(out)
 
   def encode_queries(self, items: Sequence[Item], mode: str = "adaptive") -> Encoded:
+    return self._encode(items, mode, candidate=False)
+
+  def _encode(self, items: Sequence[Item], mode: str, candidate: bool) -> Encoded:
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     embs, texts, reasoned = [], [], []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
       with self._on_mesh():
-        e, t, r = self._encode_query_batch(chunk, mode)
+        e, t, r = self._encode_batch(chunk, mode, candidate)
       embs.append(e)
       texts += t
       reasoned.append(r)
     return Encoded(np.concatenate(embs), texts, np.concatenate(reasoned))
 
-  def _encode_query_batch(self, items, mode):
+  def _encode_batch(self, items, mode, candidate):
     n, emb_id = len(items), self.tok.emb_id
-    ids, mask, positions, pixels = self._batch(items, False)
+    seqs = [self._prompt(it, candidate) for it in items]
+    ids, mask, positions, pixels = self._pack(seqs, items)
     # The prefill caches the prompt only (writing it costs a few percent of the pass); the cache
     # grows when some row goes on to reason. Prefilling the reasoning rows again instead would cost
     # more as soon as most batches hold one reasoning query (4% of queries, batch 32).
     max_len = 0 if mode == "direct" else ids.shape[1]
+    last = jnp.asarray(mask.sum(axis=1) - 1)
     emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
-                                  self.layout, max_len=max_len)
+                                  self.layout, last, max_len=max_len)
     out, logits = np.array(emb)[:n], np.array(logits)[:n]
     generated: list[list[int]] = [[] for _ in range(n)]
-    if mode == "direct":
-      return out, [""] * n, np.zeros(n, bool)
     if mode == "always_reason":
       logits[:, emb_id] = -np.inf
     tokens = logits.argmax(-1)
-    active = np.flatnonzero(tokens != emb_id)  # Rows that reason; the rest are done.
+    active = (np.flatnonzero(tokens != emb_id) if mode != "direct"
+              else np.zeros(0, int))  # Rows that reason; the rest are done.
     for row in active:
       generated[row].append(int(tokens[row]))
     held = np.arange(ids.shape[0])  # Which original row each cache row holds.
@@ -232,6 +275,8 @@ class Encoder:
         generated[row] += [int(t) for t in new if t >= 0]
       tokens[active] = np.asarray(nxt)[:m]
       active = active[np.asarray(going)[:m]]
+    if self.readout != "pre_token":
+      out = self._readout([s + g + [emb_id] for s, g in zip(seqs, generated)], items, pixels)
     texts = [self.tok.decode(g) for g in generated]
     return out, texts, np.asarray([len(g) > 0 for g in generated])
 

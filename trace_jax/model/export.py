@@ -50,7 +50,7 @@ def merged_copy(model: QwenVL) -> QwenVL:
 def export(model: QwenVL, out_dir: str, *, tokenizer: Tokenizer | None = None,
            dtype: str = "float32", base_config: dict | None = None, readout: str = "pre_token",
            eor_token_id: int = -1, compact_prompts: bool = False,
-           processor_dir: str | None = None) -> str:
+           cand_reasoning: bool = False, processor_dir: str | None = None) -> str:
   """Writes `model` (LoRA merged) as a Hugging Face directory with a README on reading embeddings.
 
   Args:
@@ -64,6 +64,8 @@ def export(model: QwenVL, out_dir: str, *, tokenizer: Tokenizer | None = None,
     readout: the embedding readout the model was trained with (`loss.readout`).
     eor_token_id: the end-of-reasoning token id, for `readout="end_of_reasoning"`.
     compact_prompts: whether training used `data.compact_prompts` (changes the prompt text).
+    cand_reasoning: whether candidates were trained to write text first (`data.cand_target` not
+      "none"): their prompt allows it and they are embedded like queries.
     processor_dir: a directory (the base model's) whose processor files are copied, if present.
 
   Returns:
@@ -84,7 +86,8 @@ def export(model: QwenVL, out_dir: str, *, tokenizer: Tokenizer | None = None,
           "emb_token_id": None if tokenizer is None else tokenizer.emb_id,
           "eor_token_id": eor_token_id if readout == "end_of_reasoning" else None,
           "hidden_state": "hidden_states[-1] (after the final RMSNorm)", "normalize": "l2",
-          "compact_prompts": compact_prompts, "tokenizer": tok_kind}
+          "compact_prompts": compact_prompts, "cand_reasoning": cand_reasoning,
+          "tokenizer": tok_kind}
   with open(os.path.join(out_dir, EMBEDDING_FILE), "w") as f:
     json.dump(info, f, indent=2)
     f.write("\n")
@@ -117,10 +120,12 @@ def _save_tokenizer(tokenizer: Tokenizer | None, out_dir: str) -> str | None:
   raise TypeError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
 
 
-def prompt_text(candidate: bool, compact: bool) -> str:
+def prompt_text(candidate: bool, compact: bool, cand_reasoning: bool = False) -> str:
   """The prompt TRACE trains with, as text; `{text}` marks the instruction + query (or the
   candidate text) and `{image}` the optional `<|vision_start|><|image_pad|><|vision_end|>`."""
-  if candidate:
+  if candidate and cand_reasoning:
+    rule = prompts.COMPACT_CANDIDATE_REASON_RULE if compact else prompts.CANDIDATE_REASON_RULE
+  elif candidate:
     rule = prompts.COMPACT_CANDIDATE_RULE if compact else prompts.CANDIDATE_RULE
   else:
     rule = prompts.COMPACT_QUERY_RULE if compact else prompts.QUERY_RULE
@@ -142,7 +147,8 @@ def readout_code(readout: str) -> str:
 def readme(info: dict, family: str) -> str:
   """The README.md of an export described by `info` (the `trace_embedding.json` dict)."""
   compact, readout = info["compact_prompts"], info["readout"]
-  query, cand = prompt_text(False, compact), prompt_text(True, compact)
+  cand_reasoning = info["cand_reasoning"]
+  query, cand = prompt_text(False, compact), prompt_text(True, compact, cand_reasoning)
   cls = ("Qwen2_5_VLForConditionalGeneration" if family == "qwen2_5_vl"
          else "Qwen2VLForConditionalGeneration")
   step4 = textwrap.fill(f"4. Readout `{readout}`: the state at {READOUTS[readout]}. The model "
@@ -160,8 +166,7 @@ the readout below as data.
 ## Reading an embedding
 
 1. Build the prompt (below) and tokenize it with no extra special tokens.
-2. Candidates and direct queries: append `<|emb|>`. Queries that may reason: generate greedily
-   until the model writes `<|emb|>` (its end token); if it never does, append `<|emb|>`.
+2. {_step2(cand_reasoning)}
 3. Run the model on the whole sequence with `output_hidden_states=True` and take
    `hidden_states[-1]`, the last decoder layer's output **after the final RMSNorm** (in
    transformers 5.x `hidden_states[-1]` is `last_hidden_state`, unless a config sets
@@ -222,17 +227,30 @@ def with_emb(ids):
   return ids if (ids[0] == EMB).any() else torch.cat([ids, torch.tensor([[EMB]])], dim=1)
 
 
-def embed_candidate(text):
-  return read_embedding(with_emb(encode(CANDIDATE.format(image="", text=text))))
-
-
-def embed_query(text, reason=True, max_new_tokens=256):
-  ids = encode(QUERY.format(image="", text=text))
+def embed(ids, reason=True, max_new_tokens=256):
   if reason:  # The model describes the target first, or writes <|emb|> at once.
     ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=EMB, pad_token_id=EMB)
   return read_embedding(with_emb(ids))
+
+
+def embed_candidate(text):
+  return embed(encode(CANDIDATE.format(image="", text=text)), reason={info["cand_reasoning"]})
+
+
+def embed_query(text, reason=True):
+  return embed(encode(QUERY.format(image="", text=text)), reason)
 """
+
+
+def _step2(cand_reasoning: bool) -> str:
+  if cand_reasoning:
+    return ("Queries and candidates (this model was trained to let candidates describe\n"
+            "   themselves first): generate greedily until the model writes `<|emb|>` (its end\n"
+            "   token); if it never does, append `<|emb|>`.")
+  return ("Candidates and direct queries: append `<|emb|>`. Queries that may reason: generate\n"
+          "   greedily until the model writes `<|emb|>` (its end token); if it never does, append\n"
+          "   `<|emb|>`.")
 
 
 def _tokenizer_note(info: dict) -> str:

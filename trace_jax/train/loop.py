@@ -25,7 +25,7 @@ from trace_jax.model import factory
 from trace_jax.train import checkpoint, setup
 from trace_jax.train import state as state_lib
 from trace_jax.train.metrics import MetricsWriter
-from trace_jax.train.step import StepConfig, make_train_step
+from trace_jax.train.step import make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run(config, workdir: str) -> dict:
   """Trains `config.total_steps` steps; returns the last logged metrics."""
   with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):
     s = build(config)
-    step_cfg = dataclasses.replace(StepConfig.from_config(config), emb_token_id=s.tok.emb_id)
+    step_cfg = setup.step_config(config, s.tok)
     train_step = make_train_step(s.graphdef, step_cfg, s.tx, s.schedule, s.mesh,
                                  state_lib.shardings_of(s.state),
                                  setup.abstract_batch(config, s.mesh))

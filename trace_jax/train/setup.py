@@ -5,6 +5,7 @@ compilation and sharded initialisation need). It runs no step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -56,6 +57,16 @@ def create_model(config, mesh, tok) -> QwenVL:
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
   return model
+
+
+def step_config(config, tok) -> step_lib.StepConfig:
+  """The train step's settings: `config.loss` with the special-token ids of the tokenizer."""
+  eor = tok.token_to_id(data_setup.marker(config.data)) if config.data.reasoning_marker else -1
+  if config.loss.readout == "end_of_reasoning" and eor < 0:
+    raise ValueError("loss.readout='end_of_reasoning' reads the end-of-reasoning marker: set "
+                     "data.reasoning_marker=True so that the targets carry it")
+  return dataclasses.replace(step_lib.StepConfig.from_config(config), emb_token_id=tok.emb_id,
+                             eor_token_id=eor)
 
 
 def optimizer(config):
@@ -111,4 +122,6 @@ def abstract_batch(config, mesh) -> dict:
       f"{side}_layout": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), layout),
     })
   batch["query_target_mask"] = jax.ShapeDtypeStruct((b, config.data.query_len), jnp.int32)
+  if config.data.cand_target != "none":  # Candidate-side reasoning: candidates have targets too.
+    batch["cand_target_mask"] = jax.ShapeDtypeStruct((b, config.data.cand_len), jnp.int32)
   return with_shardings(batch, step_lib.batch_shardings(batch, mesh))

@@ -7,8 +7,9 @@ of the whole global batch, then each micro-batch's backward pass runs with that 
 plus its own LM gradient; so accumulation never shrinks the pool of negatives.
 
 Loss normalisation (TRACE.md, "Training"): `L_gen` is the sum of token cross-entropies over every
-target token of the global batch (reasoning tokens and `<|emb|>`) divided by the number of those
-tokens; `L_ret` is the mean over the global batch of the query->candidate InfoNCE term.
+target token of the global batch (reasoning tokens and `<|emb|>`; the candidates' too under
+the candidate-side reasoning ablation) divided by the number of those tokens; `L_ret` is the
+mean over the global batch of the query->candidate InfoNCE term.
 """
 
 from __future__ import annotations
@@ -138,13 +139,14 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
       idx = readout_index(b["ids"], cfg.readout, cfg.emb_token_id, cfg.eor_token_id)
       emb = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
       out[side] = _normalize(sharding.constrain(emb, ("act_batch", "act_embed")))
-      if side == "query":
+      if "target_mask" in b:  # Queries; candidates too under candidate-side reasoning.
         pos, tgt, w, dropped = target_slots(b["ids"], b["target_mask"], cfg.max_target_tokens)
         h_sel = sharding.constrain(jnp.take_along_axis(h, pos[..., None], axis=1),
                                    ("act_batch", None, "act_embed"))
         lm_sum, lm_count = losses.lm_loss(h_sel.reshape(-1, h.shape[-1]), model.unembedding(),
                                           tgt.reshape(-1), w.reshape(-1), cfg.vocab_chunk)
-        out.update(lm_sum=lm_sum, lm_count=lm_count, dropped=dropped)
+        for key, value in (("lm_sum", lm_sum), ("lm_count", lm_count), ("dropped", dropped)):
+          out[key] = out.get(key, 0) + value
     return out
 
   def ret_loss(q, c, n, params):
