@@ -383,5 +383,10 @@ def test_training_target_parts():
   assert cot.training_target(record, "answer") == GOOD_ANSWER
   assert cot.training_target(record, "reasoning") == GOOD_REASONING
   assert cot.training_target(record, "full") == f"{GOOD_REASONING} {GOOD_ANSWER}"
+  # data.reasoning_marker: the marker ends the reasoning; an answer alone has none.
+  assert cot.training_target(record, "full", "</think>") == (
+    f"{GOOD_REASONING} </think> {GOOD_ANSWER}")
+  assert cot.training_target(record, "reasoning", "</think>") == f"{GOOD_REASONING} </think>"
+  assert cot.training_target(record, "answer", "</think>") == GOOD_ANSWER
   with pytest.raises(ValueError, match="target part"):
     cot.training_target(record, "both")

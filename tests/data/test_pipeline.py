@@ -27,11 +27,13 @@ def tok(tmp_path_factory):
   return fx.tokenizer(str(tmp_path_factory.mktemp("sp")))
 
 
-def dataset(tok, examples=None, on_bad="error", **kw):
-  to_arrays = ToArrays(tok, fx.model_config(tok), SHAPES, fx.ROOT, on_bad_example=on_bad)
+def dataset(tok, examples=None, on_bad="error", cand_may_reason=False, shapes=SHAPES,
+            buckets=BUCKETS, **kw):
+  to_arrays = ToArrays(tok, fx.model_config(tok), shapes, fx.ROOT, on_bad_example=on_bad,
+                       cand_may_reason=cand_may_reason)
   kw.setdefault("batch_size", 4)
   kw.setdefault("seed", 0)
-  return make_dataset(group_by_task(examples or fx.examples()), to_arrays, BUCKETS, **kw)
+  return make_dataset(group_by_task(examples or fx.examples()), to_arrays, buckets, **kw)
 
 
 def take(ds, n):
@@ -116,9 +118,9 @@ def test_worker_processes_give_the_same_batches(tok):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_train_step_on_pipeline_batches(tok, mesh):
+def two_steps(tok, mesh, host):
+  """Metrics of two train steps on one pipeline batch."""
   cfg = fx.model_config(tok)
-  host = take(dataset(tok, batch_size=8), 1)[0]
   with jax.set_mesh(mesh):
     model = sharding.create_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)), mesh)
     optim = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_fraction=0.0, weight_decay=0.0,
@@ -132,10 +134,32 @@ def test_train_step_on_pipeline_batches(tok, mesh):
                            tx, schedule, mesh, state_lib.shardings_of(st), batch)
     st, m1 = step(st, batch)
     st, m2 = step(st, batch)
-  m1, m2 = jax.device_get((m1, m2))
+  return jax.device_get((m1, m2))
+
+
+def test_train_step_on_pipeline_batches(tok, mesh):
+  host = take(dataset(tok, batch_size=8), 1)[0]
+  assert "cand_target_mask" not in host  # Candidates learn no text in the paper's setting.
+  m1, m2 = two_steps(tok, mesh, host)
   assert np.isfinite(m1["loss/total"]) and m2["loss/total"] < m1["loss/total"]
   assert m1["lm/target_tokens"] == host["query_target_mask"].sum()
   assert m1["route/reason_frac"] == host["query_is_reasoning"].mean()
+
+
+def test_candidate_side_reasoning_targets_join_the_lm_loss(tok, mesh):
+  """data.cand_target: the candidate of a reasoning query writes its text, then <|emb|>."""
+  examples = [dataclasses.replace(e, cand_reasoning=e.reasoning) for e in fx.examples()]
+  # The reasoning candidate rule is not in the fixture tokenizer's corpus: bytes, a longer bucket.
+  host = take(dataset(tok, examples, cand_may_reason=True, batch_size=8,
+                      shapes=Shapes(256, 256, SHAPES.image_grid),
+                      buckets=Buckets(BUCKETS.query, (256,))), 1)[0]
+  lengths, targets = host["cand_mask"].sum(1), host["cand_target_mask"].sum(1)
+  for i, n in enumerate(lengths):
+    assert host["cand_ids"][i, n - 1] == tok.emb_id and host["cand_target_mask"][i, n - 1]
+    assert (targets[i] > 1) == bool(host["query_is_reasoning"][i])  # Direct: <|emb|> alone.
+  m1, m2 = two_steps(tok, mesh, host)
+  assert np.isfinite(m1["loss/total"]) and m2["loss/total"] < m1["loss/total"]
+  assert m1["lm/target_tokens"] == host["query_target_mask"].sum() + targets.sum()
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tok):

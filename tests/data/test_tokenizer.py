@@ -15,7 +15,8 @@ import tokenizers
 from tokenizers import processors
 
 from tests.data.tokenizer_fixture import corpus, qwen_like_tokenizer, write_hf_dir
-from trace_jax.data.tokenizer import EMB_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
+from trace_jax.data.tokenizer import (EMB_TOKEN, EOR_TOKEN, HFTokenizer, SentencePieceTokenizer,
+                                      Tokenizer)
 
 SAMPLE = "<|im_start|><|vision_start|><|image_pad|><|vision_end|>hello world, a red circle<|emb|>"
 VISION_SYMBOLS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
@@ -91,6 +92,21 @@ def test_save_and_reload_keep_emb_id(hf_dir, tmp_path):
   assert config["added_tokens_decoder"][str(tok.emb_id)]["content"] == EMB_TOKEN
   assert config["added_tokens_decoder"][str(tok.emb_id)]["special"] is True
   assert config["eos_token"] == "<|im_end|>"
+
+
+def test_extra_special_token_is_added_saved_and_reloaded(hf_dir, tmp_path):
+  """data.reasoning_marker: `</think>` becomes one special token after `<|emb|>`."""
+  tok = HFTokenizer.from_dir(hf_dir, extra_special=(EOR_TOKEN,))
+  eor = tok.token_to_id(EOR_TOKEN)
+  assert tok.added_ids == [tok.emb_id, eor] and eor == tok.emb_id + 1
+  ids = tok.encode(f"a plan {EOR_TOKEN} a cat")
+  assert ids.count(eor) == 1 and tok.decode(ids) == f"a plan {EOR_TOKEN} a cat"
+  out = str(tmp_path / "out")
+  tok.save(out)
+  again = HFTokenizer.from_dir(out, extra_special=(EOR_TOKEN,))
+  assert again.added_ids == [] and again.token_to_id(EOR_TOKEN) == eor
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert json.load(f)["added_tokens_decoder"][str(eor)]["content"] == EOR_TOKEN
 
 
 def test_save_without_source_config_writes_only_tokenizer_json(tmp_path):

@@ -26,24 +26,32 @@ class EmbAs:
     return getattr(self._tok, name)
 
 
-def naive(model, tok, item, max_new, mode):
+def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidate=None):
   """Full forward passes, no cache: the reference for the encoder. Returns (embedding, token ids
-  written before <|emb|>)."""
+  written before <|emb|>). `candidate`: None for a query, else the candidate prompt's
+  `may_reason`."""
   n_img = 4 if item.image else 0
-  enc = prompts.encode_query(tok, item.text, n_img, None, True)
+  if candidate is None:
+    enc = prompts.encode_query(tok, item.text, n_img, None, True)
+  else:
+    enc = prompts.encode_candidate(tok, item.text, n_img, True, may_reason=candidate)
   ids = list(enc.ids[:enc.prompt_len])
   pixels = None
   layout = None
   if item.image:
     pixels = resize_to_grid(f"{fx.ROOT}/{item.image}", GRID[1:])[0][None]
     layout = vision_layout(np.asarray([GRID]), model.cfg.vision, windowed=True)
-  written = []
-  for step in range(max_new + 1):
+
+  def hidden(ids):
     arr = np.asarray([ids], np.int32)
     pos = rope_index(arr, None, np.asarray([GRID]) if item.image else None, model.cfg)
     out = model(arr, None, pixels, position_ids=pos, vision_layout=layout)
-    h = np.asarray(out.hidden_states)[0, -1]
-    logits = np.asarray(out.logits)[0, -1].copy()
+    return np.asarray(out.hidden_states)[0], np.asarray(out.logits)[0, -1].copy()
+
+  written = []
+  for step in range(max_new + 1):
+    h, logits = hidden(ids)
+    h = h[-1]
     if mode == "direct":
       break
     if mode == "always_reason" and step == 0:
@@ -53,6 +61,12 @@ def naive(model, tok, item, max_new, mode):
       break
     ids.append(nxt)
     written.append(nxt)
+  if readout != "pre_token":  # Read the whole sequence with <|emb|> at the trained position.
+    states, _ = hidden(ids + [tok.emb_id])
+    pos = len(ids) if readout == "emb" else len(ids) - 1
+    if readout == "end_of_reasoning" and eor in ids[enc.prompt_len:]:
+      pos = len(ids) - 1 - ids[::-1].index(eor)
+    h = states[pos]
   return h / np.linalg.norm(h), written
 
 
@@ -92,3 +106,48 @@ def test_decode_chunk_must_be_positive(setup):
   model, tok, _ = setup
   with pytest.raises(ValueError, match="decode_chunk"):
     Encoder(model, tok, image_grid=GRID, decode_chunk=0)
+
+
+@pytest.mark.parametrize("readout,mode", [("emb", "adaptive"), ("emb", "direct"),
+                                          ("end_of_reasoning", "adaptive")])
+def test_readouts_equal_naive_loop(setup, readout, mode):
+  model, tok, items = setup
+  # The end-of-reasoning "marker": the first token of a row that writes several (so it is not
+  # the pre-token); rows that embed at once have none and fall back to the pre-token.
+  eor = next(w[0] for w in (naive(model, tok, it, 5, "adaptive")[1] for it in items)
+             if len(w) > 1)
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
+                max_new_tokens=5, compact_prompts=True, decode_chunk=2, readout=readout,
+                eor_id=eor)
+  got = enc.encode_queries(items, mode)
+  for i, it in enumerate(items):
+    want, written = naive(model, tok, it, 5, mode, readout, eor)
+    np.testing.assert_allclose(got.embeddings[i], want, atol=2e-5, err_msg=str(i))
+    assert got.texts[i] == tok.decode(written)
+  pre = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
+                max_new_tokens=5, compact_prompts=True).encode_queries(items, mode)
+  assert not np.allclose(pre.embeddings, got.embeddings, atol=1e-3)  # The readout matters.
+
+
+@pytest.mark.parametrize("readout,cand_reasoning", [("pre_token", False), ("emb", False),
+                                                    ("pre_token", True)])
+def test_candidates_equal_naive_loop(setup, readout, cand_reasoning):
+  model, tok, items = setup
+  cands = [Item(e.cand_text, e.cand_image) for e in fx.examples(6)]
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=4, prompt_buckets=(256,),
+                max_new_tokens=5, compact_prompts=True, readout=readout,
+                cand_reasoning=cand_reasoning)
+  got = enc.encode_candidates(cands)
+  reasoned = 0
+  for i, it in enumerate(cands):
+    mode = "adaptive" if cand_reasoning else "direct"
+    want, written = naive(model, tok, it, 5, mode, readout, candidate=cand_reasoning)
+    np.testing.assert_allclose(got[i], want, atol=2e-5, err_msg=str(i))
+    reasoned += bool(written)
+  assert (reasoned > 0) == cand_reasoning  # Candidates write text only when trained to.
+
+
+def test_end_of_reasoning_needs_the_marker_id(setup):
+  model, tok, _ = setup
+  with pytest.raises(ValueError, match="eor_id"):
+    Encoder(model, tok, image_grid=GRID, readout="end_of_reasoning")

@@ -288,15 +288,11 @@ def test_sentencepiece_tokenizer_and_processor_files_are_written(exported, tmp_p
     assert json.load(f)["emb_token_id"] == tok.emb_id
 
 
-def test_readme_code_reasoning_query_reads_the_last_generated_token(with_tokenizer):
-  """Greedy reasoning in transformers ends where trace_jax's greedy decode ends (3 tokens at most
-  or `<|emb|>`); the embedding is the state just before `<|emb|>`."""
-  model, ours, out = with_tokenizer
-  scope: dict = {}
-  exec(readme_code(out), scope)  # noqa: S102
-  prompt = list(prompts.encode_query(ours, "find a circle", 0).ids[:-1])  # No target.
+def greedy_embedding(model, ours, prompt, steps=3):
+  """trace_jax's greedy decode (one full forward per token, `steps` tokens at most or
+  `<|emb|>`) and the pre-token embedding; asserts that something was written."""
   ids = list(prompt)
-  for _ in range(3):  # trace_jax's greedy decode, one full forward per token.
+  for _ in range(steps):
     logits = np.asarray(model(jnp.asarray([ids])).logits)[0, -1]
     if int(logits.argmax()) == ours.emb_id:
       break
@@ -304,6 +300,32 @@ def test_readme_code_reasoning_query_reads_the_last_generated_token(with_tokeniz
   assert len(ids) > len(prompt), "this seed's model answers <|emb|> at once: nothing reasoned"
   ids = jnp.asarray([ids + [ours.emb_id]])
   h = np.asarray(model(ids, return_logits=False).hidden_states)
-  want = l2(h[0, int(readout_index(ids, "pre_token", ours.emb_id, -1)[0])])
+  return l2(h[0, int(readout_index(ids, "pre_token", ours.emb_id, -1)[0])])
+
+
+def test_readme_code_reasoning_query_reads_the_last_generated_token(with_tokenizer):
+  """Greedy reasoning in transformers ends where trace_jax's greedy decode ends (3 tokens at most
+  or `<|emb|>`); the embedding is the state just before `<|emb|>`."""
+  model, ours, out = with_tokenizer
+  scope: dict = {}
+  exec(readme_code(out), scope)  # noqa: S102
+  prompt = list(prompts.encode_query(ours, "find a circle", 0).ids[:-1])  # No target.
+  want = greedy_embedding(model, ours, prompt)
   got = scope["embed_query"]("find a circle", reason=True, max_new_tokens=3).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_readme_code_for_candidate_side_reasoning(with_tokenizer, tmp_path):
+  """An export with `cand_reasoning`: the README's candidates use the reasoning candidate prompt
+  and generate before their embedding, as trace_jax's encoder does."""
+  model, ours, _ = with_tokenizer
+  out = export_lib.export(model, str(tmp_path / "out"), tokenizer=ours, dtype="float32",
+                          cand_reasoning=True)
+  with open(os.path.join(out, export_lib.README_FILE)) as f:
+    assert prompts.CANDIDATE_REASON_RULE in f.read()
+  scope: dict = {}
+  exec(readme_code(out), scope)  # noqa: S102
+  enc = prompts.encode_candidate(ours, "a red circle", 0, may_reason=True)
+  want = greedy_embedding(model, ours, enc.ids[:enc.prompt_len])
+  got = scope["embed_candidate"]("a red circle", max_new_tokens=3).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

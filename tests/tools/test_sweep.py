@@ -37,13 +37,16 @@ def write_sweep(path, variants):
 
 
 def test_paper_ablations_are_shipped():
-  assert {"lambda_gen", "lora", "readout", "training_data"} <= set(SWEEP_NAMES)
+  assert {"lambda_gen", "lora", "readout", "training_data", "candidate_side"} <= set(SWEEP_NAMES)
   by_name = {n: sweep.load_sweep(p) for n, p in zip(SWEEP_NAMES, SWEEP_FILES)}
   assert [v["loss.lambda_gen"] for v in by_name["lambda_gen"]] == [0.0, 0.5, 1.0, 2.0]
   assert [(v["lora.rank"], v["lora.alpha"]) for v in by_name["lora"]] == [
     (16, 32), (32, 64), (128, 256), (128, 512), (256, 512)]
   readouts = [v["loss.readout"] for v in by_name["readout"]]
   assert readouts == ["pre_token", "emb", "end_of_reasoning"]
+  assert [v["data.reasoning_marker"] for v in by_name["readout"]] == [False, False, True]
+  sides = [v["data.cand_target"] for v in by_name["candidate_side"]]
+  assert sides == ["none", "answer", "full"]
   targets = [(v["data.target"], v["loss.lambda_gen"]) for v in by_name["training_data"]]
   assert targets == [("direct", 0.0), ("answer", 1.0), ("reasoning", 1.0), ("full", 1.0)]
 

@@ -134,3 +134,28 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(uninterrupted
   assert "resumed from step 2" in restart.stderr + restart.stdout
   for a, b in zip(params(crashed, 6), params(workdir, 6)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_marker_readout_and_candidate_side_reasoning_train_and_evaluate(uninterrupted, tmp_path):
+  """The readout and candidate-side ablations end to end: the end-of-reasoning readout with the
+  `</think>` marker and candidates that learn the full teacher text, trained, then evaluated
+  (candidates encoded by generation)."""
+  world, plain = uninterrupted
+  workdir = str(tmp_path / "ablations")
+  cmd = command(world, workdir)
+  cmd[3] = "--config=configs/demo.py:steps=2"
+  cmd = [c for c in cmd if not c.startswith(("--config.eval.after_train", "--config.log.prof"))]
+  cmd += ["--config.data.reasoning_marker=True", "--config.loss.readout=end_of_reasoning",
+          "--config.data.cand_target=full", "--config.data.cand_len=80",
+          "--config.eval.qps_queries=0", "--config.eval.max_new_tokens=4"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)
+  assert results["step"] == 2 and len(results["tasks"]) == 4
+  assert os.path.exists(os.path.join(world, "tokenizer_eor.model"))
+  # The same batches as the plain run's first two steps, but every one of the 16 candidates
+  # learns at least its <|emb|> too (and each reasoning query one marker more).
+  base = rows(plain)[0]
+  assert base["step"] == 2 and rows(workdir)[-1]["step"] == 2
+  assert rows(workdir)[-1]["lm/target_tokens"] >= base["lm/target_tokens"] + 16

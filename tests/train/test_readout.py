@@ -1,7 +1,11 @@
 """Where the embedding is read and which positions carry the LM loss."""
 
 import numpy as np
+import pytest
 
+from configs import common
+from tests.data import pipeline_fixture as fx
+from trace_jax.train import setup
 from trace_jax.train.step import readout_index, split_micro, target_slots
 
 EMB, EOR = 9, 8
@@ -34,3 +38,16 @@ def test_split_micro_interleaves_rows():
   micro = split_micro(batch, 2)
   np.testing.assert_array_equal(micro["query_ids"][:, :, 0], [[0, 2, 4, 6], [1, 3, 5, 7]])
   assert micro["query_positions"].shape == (2, 3, 4, 3)
+
+
+def test_step_config_takes_the_token_ids_from_the_tokenizer(tmp_path):
+  tok = fx.tokenizer(str(tmp_path))  # Has <|emb|> but no end-of-reasoning marker.
+  config = common.base_config()
+  cfg = setup.step_config(config, tok)
+  assert cfg.emb_token_id == tok.emb_id and cfg.eor_token_id == -1
+  config.loss.readout = "end_of_reasoning"
+  with pytest.raises(ValueError, match="data.reasoning_marker"):
+    setup.step_config(config, tok)
+  config.data.reasoning_marker = True
+  with pytest.raises(KeyError):  # The tokenizer must have the marker as one token.
+    setup.step_config(config, tok)

@@ -19,13 +19,15 @@ QUERY_RULE = ("Embed the query for retrieval. If it is simple, answer with the e
               "only. If it is complex, first write a concise description of the target, then the "
               "embedding token. Write nothing after the embedding token.")
 CANDIDATE_RULE = "Embed this candidate for retrieval. Answer with the embedding token only."
-# Candidate-side reasoning (`data.cand_target`): the candidate may describe itself first.
-CANDIDATE_REASON_RULE = ("Embed this candidate for retrieval. First describe it concisely if "
-                         "needed, then write the embedding token. Write nothing after it.")
+# Candidate-side reasoning (`data.cand_target`): the candidate may describe itself first. Both
+# rules reuse the query rules' words, so the demo tokenizer (trained on those) encodes them short.
+CANDIDATE_REASON_RULE = ("Embed this candidate for retrieval. If it is complex, first write a "
+                         "concise description of it, then the embedding token. Write nothing "
+                         "after the embedding token.")
 # Compact prompts (no system turn, one-line rules) keep the CPU demo's sequences short.
 COMPACT_QUERY_RULE = "Embed; reason first if complex."
 COMPACT_CANDIDATE_RULE = "Embed this."
-COMPACT_CANDIDATE_REASON_RULE = "Embed this; describe it first if needed."
+COMPACT_CANDIDATE_REASON_RULE = "Embed this; reason first if complex."
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 

@@ -84,7 +84,9 @@ class ToArrays(grain.transforms.Map):
 
   def _side(self, enc: prompts.Encoded, n_img: int, limit: int, what: str) -> dict[str, Any]:
     if len(enc.ids) > limit:
-      raise ValueError(f"{what} has {len(enc.ids)} tokens, more than the maximum {limit}")
+      field = "query_len" if what == "query" else "cand_len"
+      raise ValueError(f"{what} has {len(enc.ids)} tokens, more than the maximum {limit} "
+                       f"(data.{field})")
     ids = np.asarray(enc.ids, np.int32)
     grid = np.asarray([self.shapes.image_grid]) if n_img else None
     positions = rope_index(ids[None], None, grid, self.cfg)[:, 0]

@@ -227,19 +227,20 @@ def with_emb(ids):
   return ids if (ids[0] == EMB).any() else torch.cat([ids, torch.tensor([[EMB]])], dim=1)
 
 
-def embed(ids, reason=True, max_new_tokens=256):
+def embed(ids, reason, max_new_tokens):
   if reason:  # The model describes the target first, or writes <|emb|> at once.
     ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=EMB, pad_token_id=EMB)
   return read_embedding(with_emb(ids))
 
 
-def embed_candidate(text):
-  return embed(encode(CANDIDATE.format(image="", text=text)), reason={info["cand_reasoning"]})
+def embed_candidate(text, max_new_tokens=256):
+  return embed(encode(CANDIDATE.format(image="", text=text)), {info["cand_reasoning"]},
+               max_new_tokens)
 
 
-def embed_query(text, reason=True):
-  return embed(encode(QUERY.format(image="", text=text)), reason)
+def embed_query(text, reason=True, max_new_tokens=256):
+  return embed(encode(QUERY.format(image="", text=text)), reason, max_new_tokens)
 """
 
 

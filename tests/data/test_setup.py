@@ -1,0 +1,89 @@
+"""From a config to training data: the end-of-reasoning marker and candidate-side reasoning
+options (`data.reasoning_marker`, `data.cand_target`) on the demo world."""
+
+import os
+
+import pytest
+from ml_collections import ConfigDict
+
+from configs import common
+from trace_jax.data import setup as data_setup
+from trace_jax.data import shards, synthetic
+from trace_jax.data.tokenizer import EOR_TOKEN
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> ConfigDict:
+  c = common.base_config().data
+  c.root = str(tmp_path_factory.mktemp("world"))
+  synthetic.generate_world(c.root, n_train=40, n_test=8)
+  files, c.cot_file = synthetic.split_files(c.root, "train")
+  c.train_files = tuple((f["query"], f["pool"]) for f in files.values())
+  c.tokenizer_vocab = 512
+  return c
+
+
+def test_marker_tokenizer_is_a_separate_file_with_one_more_symbol(data):
+  plain = data_setup.make_tokenizer(data)
+  with pytest.raises(KeyError):
+    plain.token_to_id(EOR_TOKEN)
+  data.reasoning_marker = True
+  try:
+    marked = data_setup.make_tokenizer(data)
+    eor = marked.token_to_id(EOR_TOKEN)
+    assert marked.encode(f"a plan {EOR_TOKEN} a cat").count(eor) == 1
+    assert os.path.exists(os.path.join(data.root, data_setup.DEMO_MARKER_TOKENIZER))
+    # The default tokenizer file is untouched: runs trained with it keep their ids.
+    assert data_setup.make_tokenizer(data).token_to_id(EOR_TOKEN) == eor
+    with pytest.raises(ValueError, match="is not one token"):
+      data.tokenizer = os.path.join(data.root, data_setup.DEMO_TOKENIZER)
+      data_setup.make_tokenizer(data)
+  finally:
+    data.reasoning_marker, data.tokenizer = False, ""
+  with pytest.raises(KeyError):
+    data_setup.make_tokenizer(data).token_to_id(EOR_TOKEN)
+
+
+def test_marker_and_candidate_targets_in_the_examples(data):
+  plain = data_setup.load_examples(data)
+  data.reasoning_marker, data.cand_target = True, "answer"
+  try:
+    marked = data_setup.load_examples(data)
+  finally:
+    data.reasoning_marker, data.cand_target = False, "none"
+  assert [e.qid for e in plain] == [e.qid for e in marked]
+  assert any(e.is_reasoning for e in marked) and not all(e.is_reasoning for e in marked)
+  for p, m in zip(plain, marked):
+    assert p.cand_reasoning is None
+    if not p.is_reasoning:
+      assert m.reasoning is None and m.cand_reasoning is None
+      continue
+    reasoning, answer = m.reasoning.split(f" {EOR_TOKEN} ")
+    assert f"{reasoning} {answer}" == p.reasoning
+    assert m.cand_reasoning == answer  # The answer describes the positive candidate.
+
+
+def test_candidate_targets_need_the_cot_file(data):
+  data.cand_target, cot = "full", data.cot_file
+  data.cot_file = ""
+  try:
+    with pytest.raises(ValueError, match="needs an M-BEIR-CoT file"):
+      data_setup.load_examples(data)
+  finally:
+    data.cand_target, data.cot_file = "none", cot
+
+
+def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
+  data.cand_target = "answer"
+  try:
+    examples = data_setup.load_examples(data)
+    with pytest.raises(ValueError, match="fixed at conversion.*cand_target"):
+      data.shards_dir = "some/shards"
+      data_setup.check_shards_targets(data)
+  finally:
+    data.cand_target, data.shards_dir = "none", ""
+  first = next(e for e in examples if e.cand_reasoning)
+  out = str(tmp_path / "ds")
+  with pytest.raises(ValueError, match=first.example_id):
+    shards.write_examples([first], data.root, out)
+  assert not os.path.exists(out)  # Nothing half-written.
