@@ -47,6 +47,9 @@ EXAMPLES_PER_SHARD = 1024  # Default shard size (not tuned: pick --num_shards fo
 # TrainExample fields that may be None: stored as "" with `has_<field>` False.
 OPTIONAL = ("query_image", "reasoning", "cand_text", "cand_image")
 TEXT = ("example_id", "qid", "query_text", "cand_id") + OPTIONAL
+# TrainExample fields the schema does not hold (candidate-side targets come from the M-BEIR files
+# only): an example that sets one is refused when written.
+NOT_STORED = ("cand_reasoning",)
 SIDES = ("query", "cand")
 _WRITER_OPTIONS = "group_size:1"  # One record per chunk: cheap random access (as TFDS writes).
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -100,9 +103,10 @@ def to_features(ex: TrainExample, root: str) -> dict[str, Any]:
     FileNotFoundError: an image is missing (names the example id and the path).
     ValueError: the example has a candidate-side target, which the schema does not hold.
   """
-  if ex.cand_reasoning is not None:
-    raise ValueError(f"example {ex.example_id}: shards hold no candidate-side reasoning "
-                     "(data.cand_target trains from the M-BEIR files)")
+  for k in NOT_STORED:
+    if getattr(ex, k) is not None:
+      raise ValueError(f"example {ex.example_id}: shards do not hold {k} (candidate-side "
+                       "reasoning, data.cand_target, trains from the M-BEIR files)")
   d = ex.to_dict()
   out: dict[str, Any] = {k: d[k] if d[k] is not None else "" for k in TEXT}
   out.update({f"has_{k}": d[k] is not None for k in OPTIONAL})
@@ -116,6 +120,7 @@ def from_features(f: dict[str, Any]) -> dict[str, Any]:
   restored, `<side>_image_bytes` as bytes or None)."""
   record: dict[str, Any] = {k: f[k].decode("utf-8") for k in TEXT}
   record.update({k: None for k in OPTIONAL if not f[f"has_{k}"]})
+  record.update({k: None for k in NOT_STORED})  # Never set in a shard (refused when written).
   record["task_id"] = int(f["task_id"])
   for s in SIDES:
     has_image = record[f"{s}_image"] is not None
