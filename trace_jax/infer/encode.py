@@ -8,9 +8,8 @@ one on-device loop (no host round trip per token; it ends early once every row h
 between chunks the decode batch is compacted to the rows still reasoning (padded to a power of
 two, so few programs compile); a finished row rides along at most to its chunk's end. The
 prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons.
-With a `mesh`, every batch's rows are split over the devices (when the model is replicated, a
-decode batch of fewer rows than devices runs on one device instead). `direct` forces `<|emb|>`
-first; `always_reason` forbids it as the first token.
+With a `mesh`, every batch's rows are split over the devices. `direct` forces `<|emb|>` first;
+`always_reason` forbids it as the first token.
 
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
