@@ -133,14 +133,6 @@ class Encoder:
     self.readout, self.eor_id, self.cand_reasoning = readout, eor_id, cand_reasoning
     self.model, self.tok, self.root, self.mesh = model, tok, root, mesh
     self._split = nnx.split(model)
-    # On a mesh where every device holds the whole model (pure data parallelism), a decode batch
-    # of fewer rows than devices decodes on one device instead of repeating each step on all of
-    # them (16 steps of one row on the 4-device CPU demo mesh: 8.4 ms instead of 24.8 ms); larger
-    # ones split their rows over the mesh like the prefill.
-    self._decode_device = _replica_device(self._split[1], mesh)
-    self._decode_split = self._split
-    if self._decode_device is not None:
-      self._decode_split = (self._split[0], _on_device(self._split[1], self._decode_device))
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
@@ -155,26 +147,6 @@ class Encoder:
 
   def _on_mesh(self):
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
-  def _to_decode(self, x: np.ndarray, one: bool) -> jax.Array:
-    """Per-row host values where the decode runs: on its one device, else split like the rows
-    (or JAX's default placement without a mesh)."""
-    x = np.asarray(x, np.int32)
-    if one:
-      return jax.device_put(x, self._decode_device)
-    return jnp.asarray(x) if self.mesh is None else sharding.put(x, self.mesh, ("act_batch",))
-
-  def _place_cache(self, cache: KVCache, one: bool) -> KVCache:
-    """The decode cache on the decode's one device, or its rows split over the mesh."""
-    if one:
-      return jax.device_put(cache, self._decode_device)
-    if self.mesh is None:
-      return cache
-    put = functools.partial(sharding.put, mesh=self.mesh)
-    rows = (None, "act_batch", None, None, None)
-    return KVCache(put(cache.k_lbskh, names=rows), put(cache.v_lbskh, names=rows),
-                   put(cache.valid_bs, names=("act_batch", None)), put(cache.index, names=()),
-                   put(cache.next_position_b, names=("act_batch",)))
 
   def _put(self, ids, mask, positions, pixels):
     """The host batch on the devices: rows split over the mesh's batch axes (when there is one)."""
@@ -223,12 +195,11 @@ class Encoder:
 
   def _read(self, batch, read: Sequence[int]) -> np.ndarray:
     """Unit hidden states [n, D] at positions `read` (one per item) of a packed batch: one
-    forward pass."""
+    forward pass (inside the mesh context)."""
     n = len(read)
     read = np.pad(np.asarray(read, np.int32), (0, batch[0].shape[0] - n))
-    with self._on_mesh():
-      emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
-                           max_len=0)
+    emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
+                         max_len=0)
     return np.asarray(emb)[:n]
 
   def _readout(self, seqs, items, pixels) -> np.ndarray:
@@ -248,7 +219,8 @@ class Encoder:
       seqs = [self._prompt(it, True) for it in chunk]
       if self.readout == "emb":  # The other readouts read the last prompt token here.
         seqs = [s + [self.tok.emb_id] for s in seqs]
-      out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
+      with self._on_mesh():
+        out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
     return np.concatenate(out)
 
   def encode_queries(self, items: Sequence[Item], mode: str = "adaptive") -> Encoded:
@@ -260,7 +232,8 @@ class Encoder:
     embs, texts, reasoned = [], [], []
     for start in range(0, len(items), self.batch_size):
       chunk = items[start:start + self.batch_size]
-      e, t, r = self._encode_batch(chunk, mode, candidate)
+      with self._on_mesh():
+        e, t, r = self._encode_batch(chunk, mode, candidate)
       embs.append(e)
       texts += t
       reasoned.append(r)
@@ -275,9 +248,8 @@ class Encoder:
     # more as soon as most batches hold one reasoning query (4% of queries, batch 32).
     max_len = 0 if mode == "direct" else ids.shape[1]
     last = jnp.asarray(mask.sum(axis=1) - 1)
-    with self._on_mesh():
-      emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
-                                    self.layout, last, max_len=max_len)
+    emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
+                                  self.layout, last, max_len=max_len)
     out, logits = np.array(emb)[:n], np.array(logits)[:n]
     generated: list[list[int]] = [[] for _ in range(n)]
     if mode == "always_reason":
@@ -287,52 +259,26 @@ class Encoder:
               else np.zeros(0, int))  # Rows that reason; the rest are done.
     for row in active:
       generated[row].append(int(tokens[row]))
-    if len(active):
-      self._decode(cache, tokens, active, generated, out)
-    if self.readout != "pre_token":
-      out = self._readout([s + g + [emb_id] for s, g in zip(seqs, generated)], items, pixels)
-    texts = [self.tok.decode(g) for g in generated]
-    return out, texts, np.asarray([len(g) > 0 for g in generated])
-
-  def _decode(self, cache, tokens, active, generated, out):
-    """Greedy decoding of rows `active` from the prefill's cache (rows of the padded batch) until
-    each writes `<|emb|>` or `max_new_tokens`; fills `generated` and `out` in place."""
-    held = np.arange(cache.valid_bs.shape[0])  # Which original row each cache row holds.
+    held = np.arange(ids.shape[0])  # Which original row each cache row holds.
     extra = self.max_new_tokens  # Slots for the reasoning, added to the first compacted cache.
     while len(active):
       keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
-      one = self._decode_device is not None and len(keep) < self.mesh.size
       if extra or not np.array_equal(keep, held):
         cache, held, extra = _take_rows(cache, held, keep, extra), keep, 0
-        cache = self._place_cache(cache, one)
-      counts = [len(generated[r]) for r in keep]
-      with contextlib.nullcontext() if one else self._on_mesh():
-        h, written, nxt, going, cache = _decode_chunk(
-          *(self._decode_split if one else self._split), self._to_decode(tokens[keep], one),
-          self._to_decode(counts, one), cache, self.tok.emb_id, self.max_new_tokens,
-          steps=self.decode_chunk)
+      counts = np.asarray([len(generated[r]) for r in keep], np.int32)
+      h, written, nxt, going, cache = _decode_chunk(
+        *self._split, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
+        self.max_new_tokens, steps=self.decode_chunk)
       m = len(active)
       out[active] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
       for row, new in zip(active, np.asarray(written)[:m]):
         generated[row] += [int(t) for t in new if t >= 0]
       tokens[active] = np.asarray(nxt)[:m]
       active = active[np.asarray(going)[:m]]
-
-
-def _replica_device(state, mesh: jax.sharding.Mesh | None):
-  """This process's first device of `mesh` when every array of `state` is fully replicated on
-  it (each device holds the whole model); None otherwise (no mesh, or a sharded model)."""
-  if mesh is None or not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state)):
-    return None
-  return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-
-
-def _on_device(state, device):
-  """Fully replicated `state` as single-device arrays on `device`: its own copies (no transfer)."""
-  def local(x):
-    shard = next((s.data for s in x.addressable_shards if s.device == device), None)
-    return shard if shard is not None else jax.device_put(x, device)
-  return jax.tree.map(local, state)
+    if self.readout != "pre_token":
+      out = self._readout([s + g + [emb_id] for s, g in zip(seqs, generated)], items, pixels)
+    texts = [self.tok.decode(g) for g in generated]
+    return out, texts, np.asarray([len(g) > 0 for g in generated])
 
 
 def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray, extra: int = 0) -> KVCache:
