@@ -146,7 +146,7 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
         lm_sum, lm_count = losses.lm_loss(h_sel.reshape(-1, h.shape[-1]), model.unembedding(),
                                           tgt.reshape(-1), w.reshape(-1), cfg.vocab_chunk)
         for key, value in (("lm_sum", lm_sum), ("lm_count", lm_count), ("dropped", dropped)):
-          out[key] = out.get(key, 0) + value
+          out[key] = out[key] + value if key in out else value
     return out
 
   def ret_loss(q, c, n, params):
