@@ -42,6 +42,11 @@ def marker(data) -> str:
   return EOR_TOKEN if data.reasoning_marker else ""
 
 
+def marker_id(data, tok: Tokenizer) -> int:
+  """The end-of-reasoning token's id in `tok` when the targets carry it, else -1."""
+  return tok.token_to_id(EOR_TOKEN) if data.reasoning_marker else -1
+
+
 def make_tokenizer(data) -> Tokenizer:
   """The configured tokenizer, or the demo world's SentencePiece model (trained once); with
   `data.reasoning_marker`, `EOR_TOKEN` is one token of it (added to a Hugging Face tokenizer like

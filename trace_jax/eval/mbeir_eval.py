@@ -59,13 +59,12 @@ def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
   """The routing encoder with the config's batch size, prompt buckets, reasoning limit and the
   readout and candidate prompt the model was trained with; with `mesh`, each batch is split over
   its devices."""
-  marker = data_setup.marker(config.data)
   return Encoder(model, tok, image_grid=config.data.image_grid, root=root,
                  batch_size=config.eval.batch_size, prompt_buckets=config.eval.prompt_buckets,
                  max_new_tokens=config.eval.max_new_tokens,
                  compact_prompts=config.data.compact_prompts,
                  decode_chunk=config.eval.decode_chunk, mesh=mesh, readout=config.loss.readout,
-                 eor_id=tok.token_to_id(marker) if marker else -1,
+                 eor_id=data_setup.marker_id(config.data, tok),
                  cand_reasoning=config.data.cand_target != "none")
 
 

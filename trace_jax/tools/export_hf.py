@@ -27,7 +27,7 @@ def main(argv):
   config = _CONFIG.value
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
   from trace_jax import sharding  # After XLA_FLAGS: these initialise JAX.
-  from trace_jax.data.setup import marker
+  from trace_jax.data.setup import marker_id
   from trace_jax.eval.mbeir_eval import load_model
   from trace_jax.model.export import export
   from trace_jax.model.hf_config import read_hf_config
@@ -38,7 +38,7 @@ def main(argv):
   hf_base = bool(base) and os.path.exists(os.path.join(base, "config.json"))
   export(model, _OUT.value, tokenizer=tok, dtype=_DTYPE.value,
          base_config=read_hf_config(base) if hf_base else None, readout=config.loss.readout,
-         eor_token_id=tok.token_to_id(marker(config.data)) if marker(config.data) else -1,
+         eor_token_id=marker_id(config.data, tok),
          compact_prompts=config.data.compact_prompts,
          cand_reasoning=config.data.cand_target != "none", processor_dir=base if hf_base else None)
   print(f"wrote {_OUT.value}: step {step}, {model.cfg.family}, readout {config.loss.readout}")

@@ -61,7 +61,7 @@ def create_model(config, mesh, tok) -> QwenVL:
 
 def step_config(config, tok) -> step_lib.StepConfig:
   """The train step's settings: `config.loss` with the special-token ids of the tokenizer."""
-  eor = tok.token_to_id(data_setup.marker(config.data)) if config.data.reasoning_marker else -1
+  eor = data_setup.marker_id(config.data, tok)
   if config.loss.readout == "end_of_reasoning" and eor < 0:
     raise ValueError("loss.readout='end_of_reasoning' reads the end-of-reasoning marker: set "
                      "data.reasoning_marker=True so that the targets carry it")
