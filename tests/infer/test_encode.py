@@ -82,24 +82,30 @@ def setup(tmp_path_factory):
 
 
 # decode_chunk 2: rows that stop mid-chunk ride along, and the batch is compacted between chunks.
-# On a mesh, each batch's rows are split over the 8 test devices.
-@pytest.mark.parametrize("mode,chunk,on_mesh", [
-  ("adaptive", 16, False), ("adaptive", 2, False), ("direct", 16, False),
-  ("always_reason", 16, False), ("always_reason", 2, False), ("adaptive", 2, True),
-  ("always_reason", 16, True)])
-def test_batched_encoder_equals_naive_loop(setup, mode, chunk, on_mesh):
+# On a mesh, each batch's rows are split over the 8 test devices. `order` (batch 2, buckets
+# (55, 64); the prompts have 51-58 tokens, and items 2, 3, 4 reason): reasoning rows of different
+# prefill batches decode together, a 55-slot cache entering a 64-slot pool or the reverse.
+@pytest.mark.parametrize("mode,chunk,on_mesh,order", [
+  ("adaptive", 16, False, None), ("adaptive", 2, False, None), ("direct", 16, False, None),
+  ("always_reason", 16, False, None), ("always_reason", 2, False, None),
+  ("adaptive", 2, True, None), ("always_reason", 16, True, None),
+  ("adaptive", 2, False, (4, 0, 2, 1, 3, 5)), ("adaptive", 16, False, (2, 1, 4, 0, 3, 5))])
+def test_batched_encoder_equals_naive_loop(setup, mode, chunk, on_mesh, order):
   model, tok, items = setup
   mesh = sharding.make_mesh(data=8, fsdp=1) if on_mesh else None
-  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
-                max_new_tokens=5, compact_prompts=True, decode_chunk=chunk, mesh=mesh)
+  if order is not None:
+    items = [items[i] for i in order]
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=2 if order else 8,
+                prompt_buckets=(55, 64) if order else (256,), max_new_tokens=5,
+                compact_prompts=True, decode_chunk=chunk, mesh=mesh)
   got = enc.encode_queries(items, mode)
   for i, it in enumerate(items):
     want_emb, written = naive(model, tok, it, 5, mode)
     np.testing.assert_allclose(got.embeddings[i], want_emb, atol=2e-5, err_msg=str(i))
     assert got.texts[i] == tok.decode(written)
     assert got.reasoned[i] == bool(written)
-  if mode == "adaptive":
-    assert not got.reasoned[0] and got.reasoned.any()  # A mix: some rows embed at once.
+  if mode == "adaptive":  # A mix: some rows embed at once.
+    assert not got.reasoned.all() and got.reasoned.any()
 
 
 def test_decode_chunk_must_be_positive(setup):

@@ -3,13 +3,18 @@ model chooses to (TRACE.md, "Inference: implicit routing").
 
 `adaptive` (default): one batched prefill; rows whose greedy first token is `<|emb|>` take the
 hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
-decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`: `decode_chunk` steps run as
-one on-device loop (no host round trip per token; it ends early once every row has stopped), and
-between chunks the decode batch is compacted to the rows still reasoning (padded to a power of
-two, so few programs compile); a finished row rides along at most to its chunk's end. The
-prefill caches the prompt only; the cache grows by `max_new_tokens` slots when a row reasons.
-With a `mesh`, every batch's rows are split over the devices. `direct` forces `<|emb|>` first;
-`always_reason` forbids it as the first token.
+decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`. Their caches wait in a pool
+across prefill batches until `batch_size` rows (or the last batch) are in, and then decode
+together: a decoding step costs about as much for one row as for many, so with few reasoning
+queries (4% on MSCOCO: one or two per batch of 32) decoding each batch's own would cost a whole
+greedy loop per batch. `decode_chunk` steps run as one on-device loop (no host round trip per
+token; it ends early once every row has stopped), and between chunks the decode batch is
+compacted to the rows still reasoning (padded to a power of two, so few programs compile); a
+finished row rides along at most to its chunk's end. The prefill caches the prompt only; the
+cache grows by `max_new_tokens` slots when a row reasons. With a `mesh`, every batch's rows are
+split over the devices; on a mesh where every device holds the whole model, small decode batches
+run on one device (see `Encoder.__init__`). `direct` forces `<|emb|>` first; `always_reason`
+forbids it as the first token.
 
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
@@ -133,6 +138,16 @@ class Encoder:
     self.readout, self.eor_id, self.cand_reasoning = readout, eor_id, cand_reasoning
     self.model, self.tok, self.root, self.mesh = model, tok, root, mesh
     self._split = nnx.split(model)
+    # On a mesh where every device holds the whole model (pure data parallelism), a decode batch
+    # no larger than one device's share of a prefill batch decodes on one device instead of
+    # splitting its few rows over all of them (each step would then wait on every device: 16
+    # steps of one row on the 4-device CPU demo mesh take 8.4 ms on one device, 24.8 ms on the
+    # mesh); larger ones split their rows over the mesh like the prefill.
+    self._decode_device = _replica_device(self._split[1], mesh)
+    self._decode_split, self._one_device_rows = self._split, 0
+    if self._decode_device is not None:
+      self._decode_split = (self._split[0], _on_device(self._split[1], self._decode_device))
+      self._one_device_rows = max(1, batch_size // mesh.size)
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
@@ -147,6 +162,26 @@ class Encoder:
 
   def _on_mesh(self):
     return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def _to_decode(self, x: np.ndarray, one: bool) -> jax.Array:
+    """Per-row host values where the decode runs: on its one device, else split like the rows
+    (or JAX's default placement without a mesh)."""
+    x = np.asarray(x, np.int32)
+    if one:
+      return jax.device_put(x, self._decode_device)
+    return jnp.asarray(x) if self.mesh is None else sharding.put(x, self.mesh, ("act_batch",))
+
+  def _place_cache(self, cache: KVCache, one: bool) -> KVCache:
+    """The decode cache on the decode's one device, or its rows split over the mesh."""
+    if one:
+      return jax.device_put(cache, self._decode_device)
+    if self.mesh is None:
+      return cache
+    put = functools.partial(sharding.put, mesh=self.mesh)
+    rows = (None, "act_batch", None, None, None)
+    return KVCache(put(cache.k_lbksh, names=rows), put(cache.v_lbksh, names=rows),
+                   put(cache.valid_bs, names=("act_batch", None)), put(cache.index, names=()),
+                   put(cache.next_position_b, names=("act_batch",)))
 
   def _put(self, ids, mask, positions, pixels):
     """The host batch on the devices: rows split over the mesh's batch axes (when there is one)."""
@@ -170,9 +205,8 @@ class Encoder:
            prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact))
     return list(enc.ids[:enc.prompt_len])
 
-  def _pack(self, seqs: Sequence[Sequence[int]], items: Sequence[Item], pixels=None,
-            grow: bool = False):
-    """Right-padded ids, mask, positions and pixels (computed unless given) of up to
+  def _pack(self, seqs: Sequence[Sequence[int]], items: Sequence[Item], grow: bool = False):
+    """Right-padded ids, mask, positions and pixels of up to
     `batch_size` sequences, padded to the smallest prompt bucket that fits; `grow`: sequences
     longer than every bucket (prompts with their generated text) take the next power of two."""
     longest = max(map(len, seqs))
@@ -187,24 +221,24 @@ class Encoder:
       grid = np.asarray([self.grid]) if it.image else None
       positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, grid, self.model.cfg)[:, 0]
     mask[len(items):, 0] = 1  # Filler rows: one visible token keeps their softmax defined.
-    if pixels is None:
-      pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
-      for i, it in enumerate(items):
-        pixels[i] = self._pixels(it.image)
+    pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
+    for i, it in enumerate(items):
+      pixels[i] = self._pixels(it.image)
     return ids, mask, positions, pixels
 
   def _read(self, batch, read: Sequence[int]) -> np.ndarray:
     """Unit hidden states [n, D] at positions `read` (one per item) of a packed batch: one
-    forward pass (inside the mesh context)."""
+    forward pass."""
     n = len(read)
     read = np.pad(np.asarray(read, np.int32), (0, batch[0].shape[0] - n))
-    emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
-                         max_len=0)
+    with self._on_mesh():
+      emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
+                           max_len=0)
     return np.asarray(emb)[:n]
 
-  def _readout(self, seqs, items, pixels) -> np.ndarray:
+  def _readout(self, seqs, items) -> np.ndarray:
     """Embeddings of full sequences (prompt, generated text, `<|emb|>`) at the trained readout."""
-    batch = self._pack(seqs, items, pixels, grow=True)
+    batch = self._pack(seqs, items, grow=True)
     read = readout_index(jnp.asarray(batch[0]), self.readout, self.tok.emb_id, self.eor_id)
     return self._read(batch, np.asarray(read)[:len(seqs)])
 
@@ -219,8 +253,7 @@ class Encoder:
       seqs = [self._prompt(it, True) for it in chunk]
       if self.readout == "emb":  # The other readouts read the last prompt token here.
         seqs = [s + [self.tok.emb_id] for s in seqs]
-      with self._on_mesh():
-        out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
+      out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
     return np.concatenate(out)
 
   def encode_queries(self, items: Sequence[Item], mode: str = "adaptive") -> Encoded:
@@ -229,56 +262,138 @@ class Encoder:
   def _encode(self, items: Sequence[Item], mode: str, candidate: bool) -> Encoded:
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-    embs, texts, reasoned = [], [], []
-    for start in range(0, len(items), self.batch_size):
-      chunk = items[start:start + self.batch_size]
-      with self._on_mesh():
-        e, t, r = self._encode_batch(chunk, mode, candidate)
-      embs.append(e)
-      texts += t
-      reasoned.append(r)
-    return Encoded(np.concatenate(embs), texts, np.concatenate(reasoned))
-
-  def _encode_batch(self, items, mode, candidate):
     n, emb_id = len(items), self.tok.emb_id
-    seqs = [self._prompt(it, candidate) for it in items]
-    ids, mask, positions, pixels = self._pack(seqs, items)
-    # The prefill caches the prompt only (writing it costs a few percent of the pass); the cache
-    # grows when some row goes on to reason. Prefilling the reasoning rows again instead would cost
-    # more as soon as most batches hold one reasoning query (4% of queries, batch 32).
-    max_len = 0 if mode == "direct" else ids.shape[1]
-    last = jnp.asarray(mask.sum(axis=1) - 1)
-    emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
-                                  self.layout, last, max_len=max_len)
-    out, logits = np.array(emb)[:n], np.array(logits)[:n]
+    out = np.zeros((n, self.model.cfg.text.width), np.float32)
     generated: list[list[int]] = [[] for _ in range(n)]
-    if mode == "always_reason":
-      logits[:, emb_id] = -np.inf
-    tokens = logits.argmax(-1)
-    active = (np.flatnonzero(tokens != emb_id) if mode != "direct"
-              else np.zeros(0, int))  # Rows that reason; the rest are done.
-    for row in active:
-      generated[row].append(int(tokens[row]))
-    held = np.arange(ids.shape[0])  # Which original row each cache row holds.
+    seqs = [self._prompt(it, candidate) for it in items]
+    pool = _Pool(self.batch_size, self._decode_device)
+    for start in range(0, n, self.batch_size):
+      stop = min(start + self.batch_size, n)
+      ids, mask, positions, pixels = self._pack(seqs[start:stop], items[start:stop])
+      # The prefill caches the prompt only (writing it costs a few percent of the pass); the
+      # cache grows when the reasoning rows decode.
+      max_len = 0 if mode == "direct" else ids.shape[1]
+      last = jnp.asarray(mask.sum(axis=1) - 1)
+      with self._on_mesh():
+        emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
+                                      self.layout, last, max_len=max_len)
+      out[start:stop], logits = np.asarray(emb)[:stop - start], np.array(logits)[:stop - start]
+      if mode == "direct":
+        continue
+      if mode == "always_reason":
+        logits[:, emb_id] = -np.inf
+      tokens = logits.argmax(-1)
+      reasoning = np.flatnonzero(tokens != emb_id)  # The rest are done.
+      while len(reasoning):  # Into the pool; decode once it is full.
+        took = pool.put(cache, reasoning, start, tokens[reasoning])
+        reasoning = reasoning[took:]
+        if pool.full:
+          self._decode(pool, out, generated)
+    if pool.rows:
+      self._decode(pool, out, generated)
+    if self.readout != "pre_token":
+      for start in range(0, n, self.batch_size):
+        full = [s + g + [emb_id] for s, g in zip(seqs[start:start + self.batch_size],
+                                                 generated[start:start + self.batch_size])]
+        out[start:start + len(full)] = self._readout(full, items[start:start + len(full)])
+    texts = [self.tok.decode(g) for g in generated]
+    return Encoded(out, texts, np.asarray([len(g) > 0 for g in generated], bool))
+
+  def _decode(self, pool: "_Pool", out: np.ndarray, generated: list[list[int]]):
+    """Greedy decoding of the pool's rows until `<|emb|>` or `max_new_tokens`, `decode_chunk`
+    steps per call, compacting the batch to the rows still reasoning between calls; writes each
+    row's embedding into `out` and its tokens into `generated` (both indexed by item), and
+    empties the pool."""
+    emb_id = self.tok.emb_id
+    cache, rows, tokens = pool.take()
+    for r, t in zip(rows, tokens):
+      generated[r].append(int(t))
+    active = np.arange(len(rows))  # Pool slots still reasoning.
+    held = np.arange(cache.valid_bs.shape[0])  # Which pool slot each cache row holds.
     extra = self.max_new_tokens  # Slots for the reasoning, added to the first compacted cache.
     while len(active):
       keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
+      one = len(keep) <= self._one_device_rows
       if extra or not np.array_equal(keep, held):
         cache, held, extra = _take_rows(cache, held, keep, extra), keep, 0
-      counts = np.asarray([len(generated[r]) for r in keep], np.int32)
-      h, written, nxt, going, cache = _decode_chunk(
-        *self._split, jnp.asarray(tokens[keep], jnp.int32), jnp.asarray(counts), cache, emb_id,
-        self.max_new_tokens, steps=self.decode_chunk)
+        cache = self._place_cache(cache, one)
+      counts = [len(generated[rows[s]]) for s in keep]
+      with contextlib.nullcontext() if one else self._on_mesh():
+        h, written, nxt, going, cache = _decode_chunk(
+          *(self._decode_split if one else self._split), self._to_decode(tokens[keep], one),
+          self._to_decode(counts, one), cache, emb_id, self.max_new_tokens,
+          steps=self.decode_chunk)
       m = len(active)
-      out[active] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
-      for row, new in zip(active, np.asarray(written)[:m]):
-        generated[row] += [int(t) for t in new if t >= 0]
+      out[rows[active]] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
+      for s, new in zip(active, np.asarray(written)[:m]):
+        generated[rows[s]] += [int(t) for t in new if t >= 0]
       tokens[active] = np.asarray(nxt)[:m]
       active = active[np.asarray(going)[:m]]
-    if self.readout != "pre_token":
-      out = self._readout([s + g + [emb_id] for s, g in zip(seqs, generated)], items, pixels)
-    texts = [self.tok.decode(g) for g in generated]
-    return out, texts, np.asarray([len(g) > 0 for g in generated])
+
+
+class _Pool:
+  """The caches of reasoning rows gathered across prefill batches until `capacity` rows wait, so
+  they decode together: with few reasoning queries (4% on MSCOCO), a batch holds one or two, and
+  decoding each batch's alone would cost a full greedy loop per batch (a decoding step costs about
+  the same for 1 row as for 32). The pool is one cache of `capacity` rows (its length the longest
+  prompt bucket put in) plus, on the host, the item each filled slot holds and its next token.
+  With a `device` (the one-device decode's), the pool lives there: moving a prefill batch's cache
+  to it and copying rows there costs less than gathering rows across the mesh."""
+
+  def __init__(self, capacity: int, device: jax.Device | None = None):
+    self.capacity, self.device = capacity, device
+    self.cache: KVCache | None = None
+    self.rows: list[int] = []
+    self.tokens: list[int] = []
+
+  @property
+  def full(self) -> bool:
+    return len(self.rows) == self.capacity
+
+  def put(self, cache: KVCache, batch_rows: np.ndarray, offset: int, tokens: np.ndarray) -> int:
+    """Copies as many of `batch_rows` (rows of a prefill batch's `cache`, items `offset` + row)
+    as fit; returns how many."""
+    k = min(len(batch_rows), self.capacity - len(self.rows))
+    if self.device is not None:
+      cache = jax.device_put(cache, self.device)
+    src = _padded(batch_rows[:k], _bucket(k))
+    dst = _padded(np.arange(len(self.rows), len(self.rows) + k), _bucket(k))
+    if self.cache is None:  # The first rows give the pool its shape; the other slots are free.
+      self.cache = _gather_rows(cache, jnp.asarray(_padded(src, self.capacity)), 0)
+    else:
+      self.cache = _scatter_rows(self.cache, cache, jnp.asarray(src), jnp.asarray(dst))
+    self.rows += [offset + int(r) for r in batch_rows[:k]]
+    self.tokens += [int(t) for t in tokens[:k]]
+    return k
+
+  def take(self) -> tuple[KVCache, np.ndarray, np.ndarray]:
+    """(cache, item of each filled slot, its next token), and the pool is empty again."""
+    out = self.cache, np.asarray(self.rows), np.asarray(self.tokens, np.int64)
+    self.cache, self.rows, self.tokens = None, [], []
+    return out
+
+
+def _replica_device(state, mesh: jax.sharding.Mesh | None):
+  """The first device of `mesh` when every array of `state` is fully replicated on it (each
+  device holds the whole model) and one process drives it; None otherwise (no mesh, a sharded
+  model, or several processes, whose caches one device could not read)."""
+  if (mesh is None or jax.process_count() > 1
+      or not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))):
+    return None
+  return mesh.devices.flat[0]
+
+
+def _on_device(state, device):
+  """Fully replicated `state` as single-device arrays on `device`: its own copies (no transfer)."""
+  def local(x):
+    shard = next((s.data for s in x.addressable_shards if s.device == device), None)
+    return shard if shard is not None else jax.device_put(x, device)
+  return jax.tree.map(local, state)
+
+
+def _padded(idx: np.ndarray, size: int) -> np.ndarray:
+  """`idx` repeated at its first entry up to `size` (repeats copy the same row again)."""
+  return np.concatenate([idx, np.repeat(idx[:1], size - len(idx))]).astype(np.int32)
 
 
 def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray, extra: int = 0) -> KVCache:
@@ -288,10 +403,28 @@ def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray, extra: int 
   return _gather_rows(cache, jnp.asarray([where[int(r)] for r in wanted], jnp.int32), extra)
 
 
+@jax.jit
+def _scatter_rows(pool: KVCache, cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+  """`pool` with rows `dst` replaced by rows `src` of `cache`; the shorter of the two is padded
+  with empty slots to the other's length first (a row's slots past its prompt are not valid)."""
+  s = max(pool.valid_bs.shape[1], cache.valid_bs.shape[1])
+
+  def grow(c):
+    return _pad_slots(c.k_lbksh, c.v_lbksh, c.valid_bs, s - c.valid_bs.shape[1])
+
+  (pk, pv, pvalid), (ck, cv, cvalid) = grow(pool), grow(cache)
+  return KVCache(pk.at[:, dst].set(ck[:, src]), pv.at[:, dst].set(cv[:, src]),
+                 pvalid.at[dst].set(cvalid[src]), jnp.full((), s, jnp.int32),
+                 pool.next_position_b.at[dst].set(cache.next_position_b[src]))
+
+
 @functools.partial(jax.jit, static_argnames="extra")
 def _gather_rows(cache: KVCache, idx: jax.Array, extra: int) -> KVCache:
-  pad = [(0, 0)] * cache.k_lbskh.ndim
-  pad[2] = (0, extra)
-  return KVCache(jnp.pad(cache.k_lbskh[:, idx], pad), jnp.pad(cache.v_lbskh[:, idx], pad),
-                 jnp.pad(cache.valid_bs[idx], ((0, 0), (0, extra))), cache.index,
-                 cache.next_position_b[idx])
+  k, v, valid = _pad_slots(cache.k_lbksh[:, idx], cache.v_lbksh[:, idx], cache.valid_bs[idx], extra)
+  return KVCache(k, v, valid, cache.index, cache.next_position_b[idx])
+
+
+def _pad_slots(k_lbksh, v_lbksh, valid_bs, extra: int):
+  """Keys, values and validity with `extra` empty (not valid) slots appended."""
+  pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
+  return jnp.pad(k_lbksh, pad), jnp.pad(v_lbksh, pad), jnp.pad(valid_bs, pad[2:4])

@@ -25,8 +25,8 @@ from trace_jax.model.layers import Dense, Norm, apply_rope, attention, inv_frequ
 class KVCache:
   """Keys and values of every layer for S slots, plus what decoding needs to continue."""
 
-  k_lbskh: jax.Array
-  v_lbskh: jax.Array
+  k_lbksh: jax.Array  # [layers, batch, KV heads, slots, head dim]: each head's slots contiguous.
+  v_lbksh: jax.Array
   valid_bs: jax.Array  # True where a slot holds a real (non-padding) token.
   index: jax.Array  # Scalar int32: the next slot to write.
   next_position_b: jax.Array  # M-RoPE position of the next token (all three components equal).
@@ -34,7 +34,7 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
     t = cfg.text
-    shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+    shape = (t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim)
     return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
                jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
                jnp.zeros((batch,), jnp.int32))
@@ -74,19 +74,26 @@ class DecoderBlocks(nnx.Module):
     self.down = Dense((t.mlp_dim,), (t.width,), ("mlp",), ("embed",), use_bias=False, **kw)
 
   def block(self, x_btd, cos_bth, sin_bth, mask_bts, kv=None, key=None):
-    """One layer. `kv` = (k_bskh, v_bskh, index) writes this step's keys/values into the cache;
-    `key` feeds adapter dropout (one key per projection)."""
+    """One layer. `kv` = (k_lbksh, v_lbksh, layer, index): the whole cache; this step's keys and
+    values are written into slots `index`... of layer `layer` in place, and the returned (k, v)
+    is the updated whole cache; `key` feeds adapter dropout (one key per projection)."""
     keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
     h = self.input_norm(x_btd)
     q = apply_rope(self.q(h, key=keys[0]), cos_bth, sin_bth)
     k = apply_rope(self.k(h, key=keys[1]), cos_bth, sin_bth)
     v = self.v(h, key=keys[2])
     q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None))
-    if kv is not None:
-      k_cache, v_cache, index = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    out = attention(q, k, v, mask_bts)
+    if kv is None:
+      out = attention(q, k, v, mask_bts)
+    else:
+      k_all, v_all, layer, index = kv
+      at = (layer, 0, 0, index, 0)
+      new = lambda x, cache: jnp.swapaxes(x, 1, 2).astype(cache.dtype)[None]  # As [1, B, K, T, H].
+      k = k_all = jax.lax.dynamic_update_slice(k_all, new(k, k_all), at)
+      v = v_all = jax.lax.dynamic_update_slice(v_all, new(v, v_all), at)
+      out = attention(q, jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False),
+                      jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), mask_bts,
+                      kv_layout="bksh")
     x_btd = x_btd + self.o(out, key=keys[3])
     h = self.post_attn_norm(x_btd)
     h = sharding.constrain(jax.nn.silu(self.gate(h, key=keys[4])) * self.up(h, key=keys[5]),
@@ -130,12 +137,16 @@ class Decoder(nnx.Module):
     query_slot = cache.index + jnp.arange(n)
     mask = (jnp.arange(slots)[None, :] <= query_slot[:, None])[None] & valid[:, None, :]
 
-    def body_cached(layer, x, kv):
-      x, (k, v) = layer.block(x, cos, sin, mask, (kv[0], kv[1], cache.index))
-      return x, (k, v)
+    # The cache rides in the carry and each layer updates its slots in place (as scanned inputs
+    # and outputs, the whole cache would be copied on every call, i.e. every decoding step).
+    def body_cached(layer, carry, i):
+      x, k_all, v_all = carry
+      x, (k_all, v_all) = layer.block(x, cos, sin, mask, (k_all, v_all, i, cache.index))
+      return (x, k_all, v_all), None
 
-    x, (k_all, v_all) = scan_layers(self.layers, body_cached, x_btd,
-                                    (cache.k_lbskh, cache.v_lbskh), self.cfg.remat)
+    (x, k_all, v_all), _ = scan_layers(self.layers, body_cached,
+                                       (x_btd, cache.k_lbksh, cache.v_lbksh),
+                                       jnp.arange(t.num_layers), self.cfg.remat)
     last_pos = jnp.max(jnp.where(valid_bt[None], positions_3bt, -1), axis=(0, 2))
     next_pos = jnp.where(jnp.any(valid_bt, axis=1), last_pos + 1, cache.next_position_b)
     new_cache = KVCache(k_all, v_all, valid, cache.index + n, next_pos.astype(jnp.int32))

@@ -108,21 +108,26 @@ def inv_frequencies(dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-              mask_bts: jax.Array) -> jax.Array:
+def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask_bts: jax.Array,
+              kv_layout: str = "bskh") -> jax.Array:
   """Grouped-query softmax attention with a boolean mask (True = attend); softmax in float32.
 
+  Keys and values are [B, S, K, H] (`kv_layout="bskh"`, as projected) or [B, K, S, H] ("bksh",
+  the KV cache's layout: each head's slots contiguous, so the dots read them without a transpose).
   Returns [B, T, N, H]. Rows with no visible key (padding queries) return an average of values and
   must be ignored by the caller.
   """
+  if kv_layout not in ("bskh", "bksh"):
+    raise ValueError(f"kv_layout={kv_layout!r}; expected 'bskh' or 'bksh'")
   b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
-  q = q_btnh.reshape(b, t, k, n // k, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
+  kv_heads = k.shape[2 if kv_layout == "bskh" else 1]
+  kv = "bskh" if kv_layout == "bskh" else "bksh"
+  q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum(f"btkgh,{kv}->bkgts", q, k,
                       preferred_element_type=jnp.float32) / math.sqrt(h)
   logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v)
   return out.reshape(b, t, n, h)
 
 
