@@ -118,6 +118,14 @@ def _bucket(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def _rows_bucket(n: int) -> int:
+  """The smallest of 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5x them) that holds `n`
+  rows: at most 2 programs per power of two, and at most a third of a decode batch is padding
+  (a decoding step costs in proportion to its rows on a CPU)."""
+  p = _bucket(n)
+  return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
 class Encoder:
   """Embeds queries and candidates with a trained model."""
 
@@ -266,7 +274,7 @@ class Encoder:
     out = np.zeros((n, self.model.cfg.text.width), np.float32)
     generated: list[list[int]] = [[] for _ in range(n)]
     seqs = [self._prompt(it, candidate) for it in items]
-    pool = _Pool(self.batch_size, self._decode_device)
+    pool = _Pool(self.batch_size, self.buckets[-1], self.max_new_tokens, self._decode_device)
     for start in range(0, n, self.batch_size):
       stop = min(start + self.batch_size, n)
       ids, mask, positions, pixels = self._pack(seqs[start:stop], items[start:stop])
@@ -308,15 +316,16 @@ class Encoder:
     cache, rows, tokens = pool.take()
     for r, t in zip(rows, tokens):
       generated[r].append(int(t))
-    active = np.arange(len(rows))  # Pool slots still reasoning.
-    held = np.arange(cache.valid_bs.shape[0])  # Which pool slot each cache row holds.
-    extra = self.max_new_tokens  # Slots for the reasoning, added to the first compacted cache.
+    active = np.arange(len(rows))  # Pool rows still reasoning.
+    held = np.arange(cache.valid_bs.shape[0])  # Which pool row each cache row holds.
     while len(active):
-      keep = np.concatenate([active, np.repeat(active[:1], _bucket(len(active)) - len(active))])
-      one = len(keep) <= self._one_device_rows
-      if extra or not np.array_equal(keep, held):
-        cache, held, extra = _take_rows(cache, held, keep, extra), keep, 0
-        cache = self._place_cache(cache, one)
+      # On one device, batches of 3 * 2^k rows too; split over a mesh, powers of two.
+      one = _bucket(len(active)) <= self._one_device_rows
+      size = _rows_bucket(len(active)) if one or self.mesh is None else _bucket(len(active))
+      keep = _padded(active, size)
+      if not np.array_equal(keep, held):
+        cache, held = _take_rows(cache, held, keep), keep
+      cache = self._place_cache(cache, one)
       counts = [len(generated[rows[s]]) for s in keep]
       with contextlib.nullcontext() if one else self._on_mesh():
         h, written, nxt, going, cache = _decode_chunk(
@@ -335,13 +344,18 @@ class _Pool:
   """The caches of reasoning rows gathered across prefill batches until `capacity` rows wait, so
   they decode together: with few reasoning queries (4% on MSCOCO), a batch holds one or two, and
   decoding each batch's alone would cost a full greedy loop per batch (a decoding step costs about
-  the same for 1 row as for 32). The pool is one cache of `capacity` rows (its length the longest
-  prompt bucket put in) plus, on the host, the item each filled slot holds and its next token.
-  With a `device` (the one-device decode's), the pool lives there: moving a prefill batch's cache
-  to it and copying rows there costs less than gathering rows across the mesh."""
+  the same for 1 row as for 32).
 
-  def __init__(self, capacity: int, device: jax.Device | None = None):
-    self.capacity, self.device = capacity, device
+  One cache buffer of `capacity` rows and `prompt_slots + max_new` slots (a row's prompt first,
+  invalid slots up to `prompt_slots`, then room for its reasoning), allocated at the first `put`
+  and then updated in place; on the host, the item each filled row holds and its next token. With
+  a `device` (the one-device decode's), the buffer lives there: moving a prefill batch's cache to
+  it and copying rows there costs less than gathering rows across the mesh."""
+
+  def __init__(self, capacity: int, prompt_slots: int, max_new: int,
+               device: jax.Device | None = None):
+    self.capacity, self.prompt_slots, self.max_new = capacity, prompt_slots, max_new
+    self.device = device
     self.cache: KVCache | None = None
     self.rows: list[int] = []
     self.tokens: list[int] = []
@@ -357,19 +371,21 @@ class _Pool:
     if self.device is not None:
       cache = jax.device_put(cache, self.device)
     src = _padded(batch_rows[:k], _bucket(k))
-    dst = _padded(np.arange(len(self.rows), len(self.rows) + k), _bucket(k))
-    if self.cache is None:  # The first rows give the pool its shape; the other slots are free.
-      self.cache = _gather_rows(cache, jnp.asarray(_padded(src, self.capacity)), 0)
+    if self.cache is None:  # Placed like the first batch's cache; rows past `k` are free.
+      self.cache = _new_pool(cache, jnp.asarray(_padded(src, self.capacity)),
+                             prompt_slots=self.prompt_slots, max_new=self.max_new)
     else:
+      dst = _padded(np.arange(len(self.rows), len(self.rows) + k), _bucket(k))
       self.cache = _scatter_rows(self.cache, cache, jnp.asarray(src), jnp.asarray(dst))
     self.rows += [offset + int(r) for r in batch_rows[:k]]
     self.tokens += [int(t) for t in tokens[:k]]
     return k
 
   def take(self) -> tuple[KVCache, np.ndarray, np.ndarray]:
-    """(cache, item of each filled slot, its next token), and the pool is empty again."""
+    """(cache, item of each filled row, its next token); the pool is empty again (its buffer is
+    reused by the next `put`)."""
     out = self.cache, np.asarray(self.rows), np.asarray(self.tokens, np.int64)
-    self.cache, self.rows, self.tokens = None, [], []
+    self.rows, self.tokens = [], []
     return out
 
 
@@ -396,35 +412,38 @@ def _padded(idx: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([idx, np.repeat(idx[:1], size - len(idx))]).astype(np.int32)
 
 
-def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray, extra: int = 0) -> KVCache:
-  """The cache restricted (and reordered) to original rows `wanted`, given the rows it holds, with
-  `extra` empty slots appended."""
+def _take_rows(cache: KVCache, held: np.ndarray, wanted: np.ndarray) -> KVCache:
+  """The cache restricted (and reordered) to rows `wanted`, given the rows it holds."""
   where = {int(r): i for i, r in enumerate(held)}
-  return _gather_rows(cache, jnp.asarray([where[int(r)] for r in wanted], jnp.int32), extra)
+  return _gather_rows(cache, jnp.asarray([where[int(r)] for r in wanted], jnp.int32))
 
 
 @jax.jit
+def _gather_rows(cache: KVCache, idx: jax.Array) -> KVCache:
+  return KVCache(cache.k_lbksh[:, idx], cache.v_lbksh[:, idx], cache.valid_bs[idx], cache.index,
+                 cache.next_position_b[idx])
+
+
+def _rows_to_slots(cache: KVCache, idx: jax.Array, prompt_slots: int, max_new: int):
+  """Keys, values and validity of rows `idx` of a prefill cache, its prompt slots padded with
+  invalid ones to `prompt_slots`, then `max_new` empty slots."""
+  pad = ((0, 0), (0, 0), (0, 0), (0, prompt_slots + max_new - cache.valid_bs.shape[1]), (0, 0))
+  return (jnp.pad(cache.k_lbksh[:, idx], pad), jnp.pad(cache.v_lbksh[:, idx], pad),
+          jnp.pad(cache.valid_bs[idx], pad[2:4]))
+
+
+@functools.partial(jax.jit, static_argnames=("prompt_slots", "max_new"))
+def _new_pool(cache: KVCache, idx: jax.Array, prompt_slots: int, max_new: int) -> KVCache:
+  """A pool buffer holding rows `idx` of a prefill cache; the next slot to write is the first
+  after the prompts."""
+  k, v, valid = _rows_to_slots(cache, idx, prompt_slots, max_new)
+  return KVCache(k, v, valid, jnp.full((), prompt_slots, jnp.int32), cache.next_position_b[idx])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _scatter_rows(pool: KVCache, cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-  """`pool` with rows `dst` replaced by rows `src` of `cache`; the shorter of the two is padded
-  with empty slots to the other's length first (a row's slots past its prompt are not valid)."""
-  s = max(pool.valid_bs.shape[1], cache.valid_bs.shape[1])
-
-  def grow(c):
-    return _pad_slots(c.k_lbksh, c.v_lbksh, c.valid_bs, s - c.valid_bs.shape[1])
-
-  (pk, pv, pvalid), (ck, cv, cvalid) = grow(pool), grow(cache)
-  return KVCache(pk.at[:, dst].set(ck[:, src]), pv.at[:, dst].set(cv[:, src]),
-                 pvalid.at[dst].set(cvalid[src]), jnp.full((), s, jnp.int32),
+  """`pool` (updated in place) with rows `dst` replaced by rows `src` of a prefill cache."""
+  k, v, valid = _rows_to_slots(cache, src, pool.valid_bs.shape[1], 0)  # All the pool's slots.
+  return KVCache(pool.k_lbksh.at[:, dst].set(k), pool.v_lbksh.at[:, dst].set(v),
+                 pool.valid_bs.at[dst].set(valid), pool.index,
                  pool.next_position_b.at[dst].set(cache.next_position_b[src]))
-
-
-@functools.partial(jax.jit, static_argnames="extra")
-def _gather_rows(cache: KVCache, idx: jax.Array, extra: int) -> KVCache:
-  k, v, valid = _pad_slots(cache.k_lbksh[:, idx], cache.v_lbksh[:, idx], cache.valid_bs[idx], extra)
-  return KVCache(k, v, valid, cache.index, cache.next_position_b[idx])
-
-
-def _pad_slots(k_lbksh, v_lbksh, valid_bs, extra: int):
-  """Keys, values and validity with `extra` empty (not valid) slots appended."""
-  pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
-  return jnp.pad(k_lbksh, pad), jnp.pad(v_lbksh, pad), jnp.pad(valid_bs, pad[2:4])
