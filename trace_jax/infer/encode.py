@@ -5,16 +5,16 @@ model chooses to (TRACE.md, "Inference: implicit routing").
 hidden state of the last prompt token (the pre-token) from that same pass. Only the other rows
 decode greedily with the KV cache until `<|emb|>` or `max_new_tokens`. Their caches wait in a pool
 across prefill batches until `batch_size` rows (or the last batch) are in, and then decode
-together: a decoding step costs about as much for one row as for many, so with few reasoning
-queries (4% on MSCOCO: one or two per batch of 32) decoding each batch's own would cost a whole
-greedy loop per batch. `decode_chunk` steps run as one on-device loop (no host round trip per
-token; it ends early once every row has stopped), and between chunks the decode batch is
-compacted to the rows still reasoning (padded to a power of two, so few programs compile); a
-finished row rides along at most to its chunk's end. The prefill caches the prompt only; the
-cache grows by `max_new_tokens` slots when a row reasons. With a `mesh`, every batch's rows are
-split over the devices; on a mesh where every device holds the whole model, small decode batches
-run on one device (see `Encoder.__init__`). `direct` forces `<|emb|>` first; `always_reason`
-forbids it as the first token.
+together (`_Pool`): with few reasoning queries (4% on MSCOCO: one or two per batch of 32),
+decoding each batch's own would pay a whole greedy loop's fixed per-step cost per batch.
+`decode_chunk` steps run as one on-device loop (no host round trip per token; it ends early once
+every row has stopped), and between chunks the decode batch is compacted to the rows still
+reasoning (padded to a few sizes, so few programs compile); a finished row rides along at most
+to its chunk's end. The prefill caches the prompt only; the pool adds `max_new_tokens` slots for
+the reasoning. With a `mesh`, every batch's rows are split over the devices; on a mesh where
+every device holds the whole model, small decode batches run on one device (see
+`Encoder.__init__`). `direct` forces `<|emb|>` first; `always_reason` forbids it as the first
+token.
 
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
@@ -149,7 +149,7 @@ class Encoder:
     # On a mesh where every device holds the whole model (pure data parallelism), a decode batch
     # no larger than one device's share of a prefill batch decodes on one device instead of
     # splitting its few rows over all of them (each step would then wait on every device: 16
-    # steps of one row on the 4-device CPU demo mesh take 8.4 ms on one device, 24.8 ms on the
+    # steps of one row of the demo model take 4.6 ms on one CPU device, 11-25 ms on the 4-device
     # mesh); larger ones split their rows over the mesh like the prefill.
     self._decode_device = _replica_device(self._split[1], mesh)
     self._decode_split, self._one_device_rows = self._split, 0
@@ -279,7 +279,7 @@ class Encoder:
       stop = min(start + self.batch_size, n)
       ids, mask, positions, pixels = self._pack(seqs[start:stop], items[start:stop])
       # The prefill caches the prompt only (writing it costs a few percent of the pass); the
-      # cache grows when the reasoning rows decode.
+      # pool adds the reasoning's slots.
       max_len = 0 if mode == "direct" else ids.shape[1]
       last = jnp.asarray(mask.sum(axis=1) - 1)
       with self._on_mesh():
@@ -299,7 +299,7 @@ class Encoder:
           self._decode(pool, out, generated)
     if pool.rows:
       self._decode(pool, out, generated)
-    if self.readout != "pre_token":
+    if self.readout != "pre_token":  # Once every row has its text (images are read again).
       for start in range(0, n, self.batch_size):
         full = [s + g + [emb_id] for s, g in zip(seqs[start:start + self.batch_size],
                                                  generated[start:start + self.batch_size])]
@@ -342,9 +342,9 @@ class Encoder:
 
 class _Pool:
   """The caches of reasoning rows gathered across prefill batches until `capacity` rows wait, so
-  they decode together: with few reasoning queries (4% on MSCOCO), a batch holds one or two, and
-  decoding each batch's alone would cost a full greedy loop per batch (a decoding step costs about
-  the same for 1 row as for 32).
+  they decode together: with few reasoning queries (4% on MSCOCO), a batch holds one or two, and a
+  decoding step has a fixed cost that one or two rows would pay whole in every batch (dispatching
+  a few hundred small operations on a CPU, reading every weight on an accelerator).
 
   One cache buffer of `capacity` rows and `prompt_slots + max_new` slots (a row's prompt first,
   invalid slots up to `prompt_slots`, then room for its reasoning), allocated at the first `put`
