@@ -1,5 +1,6 @@
 """The batched, compacted routing encoder equals a naive one-query-at-a-time loop."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -157,3 +158,26 @@ def test_end_of_reasoning_needs_the_marker_id(setup):
   model, tok, _ = setup
   with pytest.raises(ValueError, match="eor_id"):
     Encoder(model, tok, image_grid=GRID, readout="end_of_reasoning")
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_model_on_the_mesh_equals_naive_loop(setup, fsdp):
+  """The model's weights placed on an 8-device mesh: replicated (fsdp 1: the pool lives on one
+  device, and a decode batch of at most one row per device's prefill share decodes there) or
+  sharded over fsdp (pool and decoding stay on the mesh). Ten reasoning rows in batches of 8:
+  the pool fills, decodes split over the mesh, then takes the last two; one row alone decodes on
+  one device when the model is replicated."""
+  model, tok, items = setup
+  mesh = sharding.make_mesh(data=8 // fsdp, fsdp=fsdp)
+  placed = nnx.clone(model)
+  state = nnx.state(placed)
+  nnx.update(placed, jax.device_put(state, sharding.state_shardings(state, mesh)))
+  enc = Encoder(placed, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
+                max_new_tokens=5, compact_prompts=True, decode_chunk=2, mesh=mesh)
+  assert (enc._decode_device is not None) == (fsdp == 1)  # pylint: disable=protected-access
+  for batch in (items + items[:4], items[1:2]):
+    got = enc.encode_queries(batch, "always_reason")
+    for i, it in enumerate(batch):
+      want_emb, written = naive(model, tok, it, 5, "always_reason")
+      np.testing.assert_allclose(got.embeddings[i], want_emb, atol=2e-5, err_msg=str(i))
+      assert got.texts[i] == tok.decode(written)
