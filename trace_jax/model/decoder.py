@@ -87,13 +87,15 @@ class DecoderBlocks(nnx.Module):
       out = attention(q, k, v, mask_bts)
     else:
       k_all, v_all, layer, index = kv
-      at = (layer, 0, 0, index, 0)
-      new = lambda x, cache: jnp.swapaxes(x, 1, 2).astype(cache.dtype)[None]  # As [1, B, K, T, H].
-      k = k_all = jax.lax.dynamic_update_slice(k_all, new(k, k_all), at)
-      v = v_all = jax.lax.dynamic_update_slice(v_all, new(v, v_all), at)
+      at = (layer, 0, 0, index, 0)  # This step's [B, T, K, H] go in as [1, B, K, T, H].
+      k_all = jax.lax.dynamic_update_slice(k_all, jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype),
+                                           at)
+      v_all = jax.lax.dynamic_update_slice(v_all, jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype),
+                                           at)
       out = attention(q, jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False),
                       jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), mask_bts,
                       kv_layout="bksh")
+      k, v = k_all, v_all  # Returned: the whole updated cache.
     x_btd = x_btd + self.o(out, key=keys[3])
     h = self.post_attn_norm(x_btd)
     h = sharding.constrain(jax.nn.silu(self.gate(h, key=keys[4])) * self.up(h, key=keys[5]),

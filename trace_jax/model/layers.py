@@ -120,14 +120,13 @@ def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask_bts: jax.Array
   if kv_layout not in ("bskh", "bksh"):
     raise ValueError(f"kv_layout={kv_layout!r}; expected 'bskh' or 'bksh'")
   b, t, n, h = q_btnh.shape
-  kv_heads = k.shape[2 if kv_layout == "bskh" else 1]
-  kv = "bskh" if kv_layout == "bskh" else "bksh"
+  kv_heads = k.shape[kv_layout.index("k")]
   q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum(f"btkgh,{kv}->bkgts", q, k,
+  logits = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q, k,
                       preferred_element_type=jnp.float32) / math.sqrt(h)
   logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v)
+  out = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs, v)
   return out.reshape(b, t, n, h)
 
 
