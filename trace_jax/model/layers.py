@@ -7,6 +7,7 @@ adds a leading "layers" axis so that a whole tower of blocks is one set of array
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -55,8 +56,40 @@ class Dense(nnx.Module):
 
 def contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
   """Contracts the trailing `n` dims of x with the leading `n` dims of w."""
-  return jax.lax.dot_general(x.astype(w.dtype), w,
-                             ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+  return _contract(x.astype(w.dtype), w, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+
+
+def _contract_fwd(x, w, n):
+  return _contract(x, w, n), (x, w)
+
+
+def _contract_bwd(n, res, g):
+  """The gradients autodiff would give, with the weight gradient's dot ordered for XLA:CPU.
+
+  The weight gradient contracts over the token dims, which are the major dims of both x
+  [*tokens, *in] and g [*tokens, *out]; XLA:CPU's dots then transpose their left operand to put
+  the contracted dims minor. Autodiff always puts g on the left; here the operand with fewer
+  features goes there, so an MLP's [tokens, 4 x width] gradient is never transposed (before, one
+  such copy per projection was a fifth of the bench train step, docs/benchmarks.md).
+  """
+  x, w = res
+  lead, out = x.ndim - n, w.ndim - n
+  dx = jax.lax.dot_general(g, w, ((tuple(range(lead, g.ndim)), tuple(range(n, w.ndim))), ((), ())))
+  tokens = (tuple(range(lead)), tuple(range(lead)))
+  if math.prod(x.shape[lead:]) <= math.prod(g.shape[lead:]):
+    dw = jax.lax.dot_general(x, g, (tokens, ((), ())))
+  else:
+    dw_t = jax.lax.dot_general(g, x, (tokens, ((), ())))  # [*out, *in]
+    dw = jnp.transpose(dw_t, (*range(out, out + n), *range(out)))
+  return dx, dw
+
+
+_contract.defvjp(_contract_fwd, _contract_bwd)
 
 
 class Norm(nnx.Module):
@@ -113,21 +146,72 @@ def attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, mask_bts: jax.Array
   """Grouped-query softmax attention with a boolean mask (True = attend); softmax in float32.
 
   Keys and values are [B, S, K, H] (`kv_layout="bskh"`, as projected) or [B, K, S, H] ("bksh",
-  the KV cache's layout: each head's slots contiguous, so the dots read them without a transpose).
-  Returns [B, T, N, H]. Rows with no visible key (padding queries) return an average of values and
-  must be ignored by the caller.
+  the KV cache's layout). Returns [B, T, N, H]. Rows with no visible key (padding queries) return
+  an average of values and must be ignored by the caller.
+
+  The work runs as batched matrix products over [B, K] on [K-head group x T, H] query rows and
+  [S, H] keys and values, so every dot, forward and backward, reads its big [rows, S] operand in
+  the layout it was written in (see `_attend`); only the small [T, H]-sized operands move.
   """
   if kv_layout not in ("bskh", "bksh"):
     raise ValueError(f"kv_layout={kv_layout!r}; expected 'bskh' or 'bksh'")
+  if kv_layout == "bskh":
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   b, t, n, h = q_btnh.shape
-  kv_heads = k.shape[kv_layout.index("k")]
-  q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q, k,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+  kv_heads = k.shape[1]
+  groups = n // kv_heads
+  q_bkrh = (q_btnh.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)
+            .reshape(b, kv_heads, groups * t, h))
+  out_bkrh = _attend(q_bkrh, k, v, mask_bts)
+  return out_bkrh.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _bdot(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int, dtype=None) -> jax.Array:
+  """Matrix product batched over the leading [B, K] dims, contracting one dim of each."""
+  return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((0, 1), (0, 1))),
+                             preferred_element_type=dtype)
+
+
+def _masked_rows(x_bkrs: jax.Array, mask_bts: jax.Array, fill) -> jax.Array:
+  """`where(mask, x, fill)` for rows r = (group, t) of every KV head."""
+  b, kv_heads, r, s = x_bkrs.shape
+  t = mask_bts.shape[1]
+  x = x_bkrs.reshape(b, kv_heads, r // t, t, s)
+  return jnp.where(mask_bts[:, None, None], x, fill).reshape(b, kv_heads, r, s)
+
+
+def _probs(q_bkrh, k_bksh, mask_bts) -> jax.Array:
+  logits = _bdot(q_bkrh, k_bksh, 3, 3, jnp.float32) / math.sqrt(q_bkrh.shape[-1])
+  logits = _masked_rows(logits, mask_bts, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attend(q_bkrh, k_bksh, v_bksh, mask_bts):
+  """softmax(q k^T / sqrt(H), masked) v on [B, K, R, H] query rows; float32 probabilities."""
+  return _bdot(_probs(q_bkrh, k_bksh, mask_bts).astype(v_bksh.dtype), v_bksh, 3, 2)
+
+
+def _attend_fwd(q_bkrh, k_bksh, v_bksh, mask_bts):
+  p = _probs(q_bkrh, k_bksh, mask_bts).astype(v_bksh.dtype)
+  return _bdot(p, v_bksh, 3, 2), (q_bkrh, k_bksh, v_bksh, mask_bts, p)
+
+
+def _attend_bwd(res, d_out):
+  """Autodiff's gradients, with each dot that contracts over query rows taking the [R, S]
+  operand (probabilities or score gradients) on the right, in its own layout: dV and dK come out
+  as [B, K, H, S] and are swapped back (small). Autodiff instead transposes the [R, S] operand."""
+  q, k, v, mask, p = res
+  dp = _bdot(d_out, v, 3, 3, jnp.float32)
+  dv = jnp.swapaxes(_bdot(d_out, p, 2, 2), 2, 3)
+  ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
+  ds = _masked_rows(ds, mask, 0.0) / math.sqrt(q.shape[-1])
+  dq = _bdot(ds.astype(k.dtype), k, 3, 2)
+  dk = jnp.swapaxes(_bdot(q, ds.astype(q.dtype), 2, 2), 2, 3)
+  return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def scan_layers(stacked: nnx.Module, body: Callable[..., Any], carry: Any, xs: Any,
