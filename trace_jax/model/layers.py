@@ -14,8 +14,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 _INIT_STD = 0.02  # transformers' `initializer_range` for Qwen2-VL / Qwen2.5-VL.
+# `model.remat="dots"`: keep every matrix product without batch dims (the dense layers' outputs).
+DOTS_POLICY = jax.checkpoint_policies.save_from_both_policies(
+  jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  jax.checkpoint_policies.save_only_these_names("dense"))
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str) -> nnx.Param:
@@ -55,8 +60,12 @@ class Dense(nnx.Module):
 
 
 def contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
-  """Contracts the trailing `n` dims of x with the leading `n` dims of w."""
-  return _contract(x.astype(w.dtype), w, n)
+  """Contracts the trailing `n` dims of x with the leading `n` dims of w.
+
+  The product is named "dense" for `jax.checkpoint` policies: inside a custom VJP it is not a
+  `dot_general` that `dots_with_no_batch_dims_saveable` would see (`DOTS_POLICY`).
+  """
+  return checkpoint_name(_contract(x.astype(w.dtype), w, n), "dense")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -229,5 +238,5 @@ def scan_layers(stacked: nnx.Module, body: Callable[..., Any], carry: Any, xs: A
   if remat == "full":
     step = jax.checkpoint(step)
   elif remat == "dots":
-    step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    step = jax.checkpoint(step, policy=DOTS_POLICY)
   return jax.lax.scan(step, carry, (state, xs))
