@@ -2,7 +2,9 @@
 
 Every parameter carries `logical_axes` metadata (see `trace_jax/sharding.py`). A `stack` argument
 adds a leading "layers" axis so that a whole tower of blocks is one set of arrays that
-`scan_layers` runs with `jax.lax.scan`. Nothing here knows about checkpoints or losses.
+`scan_layers` runs with `jax.lax.scan`. Dense products and attention have custom VJPs:
+autodiff's gradients, with each dot's operands ordered for XLA:CPU (`_contract`, `_attend`).
+Nothing here knows about checkpoints or losses.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _contract_bwd(n, res, g):
   The weight gradient contracts over the token dims, which are the major dims of both x
   [*tokens, *in] and g [*tokens, *out]; XLA:CPU's dots then transpose their left operand to put
   the contracted dims minor. Autodiff always puts g on the left; here the operand with fewer
-  features goes there, so an MLP's [tokens, 4 x width] gradient is never transposed (before, one
+  features goes there, so an MLP's [tokens, MLP width] gradient is never transposed (before, one
   such copy per projection was a fifth of the bench train step, docs/benchmarks.md).
   """
   x, w = res
@@ -198,7 +200,7 @@ def _probs(q_bkrh, k_bksh, mask_bts) -> jax.Array:
 @jax.custom_vjp
 def _attend(q_bkrh, k_bksh, v_bksh, mask_bts):
   """softmax(q k^T / sqrt(H), masked) v on [B, K, R, H] query rows; float32 probabilities."""
-  return _bdot(_probs(q_bkrh, k_bksh, mask_bts).astype(v_bksh.dtype), v_bksh, 3, 2)
+  return _attend_fwd(q_bkrh, k_bksh, v_bksh, mask_bts)[0]
 
 
 def _attend_fwd(q_bkrh, k_bksh, v_bksh, mask_bts):
