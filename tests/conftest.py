@@ -1,5 +1,6 @@
 """Test harness: 8 fake CPU devices, mesh fixtures, float32 matmuls, a compilation cache."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -28,3 +29,17 @@ def mesh():
 def mesh_factory():
   """Builds other mesh shapes over the same 8 devices, e.g. mesh_factory(1, 4, 2)."""
   return sharding.make_mesh
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_executables():
+  """Drops the compiled programs when each test module ends (the disk cache keeps them).
+
+  Each XLA:CPU executable holds its JIT-compiled code in memory mappings while it is cached; the
+  whole suite in one process compiles enough programs to pass the kernel's limit on mappings
+  (`vm.max_map_count`, 65530 by default: 1,000-4,000 more per model test module), after which
+  LLVM fails with "Cannot allocate memory" and the process crashes.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
