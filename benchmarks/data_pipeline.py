@@ -76,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  devices.huge_page_malloc()  # As `trace_jax.main` and `trace_jax.eval` run.
   app.run(main)

@@ -16,6 +16,7 @@ matmul FLOP/s with a large matrix product and reports model FLOPs utilisation. L
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -161,6 +162,7 @@ def jax_runner(hf_dir, q, c, pixels, devices):
 
 
 def main():
+  trace_devices.huge_page_malloc()  # As `trace_jax.main` runs: XLA temp buffers in huge pages.
   args = dict(a.lstrip("-").split("=") for a in sys.argv[1:])
   rounds, steps = int(args.get("rounds", 3)), int(args.get("steps", 3))
   devices = int(args.get("devices", 1))
@@ -194,7 +196,8 @@ def main():
             "mfu": flops / (times["jax"] / (rounds * steps)) / peak}
   import jax
   print(f"device: {jax.devices()[0].device_kind}; torch: "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
   print(f"parameters {n_params / 1e6:.1f} M, model TFLOP/step {flops / 1e12:.3f}, "
         f"peak matmul {peak / 1e9:.1f} GFLOP/s")
   print(f"trace_jax {result['tokens_per_s']:.0f} tok/s, transformers "

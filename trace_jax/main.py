@@ -69,5 +69,6 @@ def _evaluate(config, workdir: str) -> None:
 
 
 if __name__ == "__main__":
+  devices.huge_page_malloc()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -34,5 +34,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  devices.huge_page_malloc()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
