@@ -24,7 +24,7 @@ def huge_page_malloc() -> None:
   (docs/benchmarks.md)."""
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   libc, version = platform.libc_ver()
-  if (_HUGETLB in tunables or libc != "glibc"
+  if (_HUGETLB in tunables or libc != "glibc" or not sys.executable
       or tuple(map(int, version.split(".")[:2])) < (2, 35) or not _thp_madvise()):
     return
   env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, f"{_HUGETLB}=1"))))
