@@ -5,7 +5,6 @@ choice, and the re-executed process really faults in a large malloc 2 MiB at a t
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -15,6 +14,8 @@ from trace_jax import devices
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MIB = 1 << 20
+NEEDS_HUGE_PAGES = pytest.mark.skipif(not devices.huge_pages_supported(),
+                                      reason="needs glibc >= 2.35 and THP in madvise mode")
 # Run as `python -m huge_child ARGS`: mallocs and touches 64 MiB, reports its page faults.
 CHILD = """
 import ctypes, json, os, resource, sys
@@ -29,12 +30,6 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "faults": faults,
                   "argv": sys.argv[1:], "pid": os.getpid()}))
 """
-
-
-def _supported() -> bool:
-  libc, version = platform.libc_ver()
-  return (libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
-          and devices._thp_madvise())
 
 
 def _run_child(tmp_path, tunables=None):
@@ -53,14 +48,14 @@ def _run_child(tmp_path, tunables=None):
   return report
 
 
-@pytest.mark.skipif(not _supported(), reason="needs glibc >= 2.35 and THP in madvise mode")
+@NEEDS_HUGE_PAGES
 def test_reexec_sets_tunable_and_maps_huge_pages(tmp_path):
   report = _run_child(tmp_path)
   assert report["tunables"] == "glibc.malloc.hugetlb=1"
   assert report["faults"] < 64 * MIB // 4096 // 8  # 4 KiB pages would be 16,384 faults.
 
 
-@pytest.mark.skipif(not _supported(), reason="needs glibc >= 2.35 and THP in madvise mode")
+@NEEDS_HUGE_PAGES
 def test_keeps_callers_tunables(tmp_path):
   report = _run_child(tmp_path, "glibc.malloc.arena_max=2")
   assert report["tunables"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -72,6 +67,6 @@ def test_explicit_choice_is_kept(tmp_path):
   assert report["faults"] >= 64 * MIB // 4096  # Page by page: what the tunable saves.
 
 
-@pytest.mark.skipif(_supported(), reason="this machine supports huge-page malloc")
+@pytest.mark.skipif(devices.huge_pages_supported(), reason="this machine supports huge-page malloc")
 def test_no_reexec_where_unsupported(tmp_path):
   assert _run_child(tmp_path)["tunables"] is None

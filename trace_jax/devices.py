@@ -23,9 +23,7 @@ def huge_page_malloc() -> None:
   step of `benchmarks/train_step.py`. A huge page maps 2 MiB per fault instead of 4 KiB
   (docs/benchmarks.md)."""
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  libc, version = platform.libc_ver()
-  if (_HUGETLB in tunables or libc != "glibc" or not sys.executable
-      or tuple(map(int, version.split(".")[:2])) < (2, 35) or not _thp_madvise()):
+  if _HUGETLB in tunables or not sys.executable or not huge_pages_supported():
     return
   env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, f"{_HUGETLB}=1"))))
   sys.stdout.flush()
@@ -33,8 +31,12 @@ def huge_page_malloc() -> None:
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def _thp_madvise() -> bool:
-  """Whether the kernel gives huge pages to memory that asks for them (and only to that)."""
+def huge_pages_supported() -> bool:
+  """Whether glibc knows the tunable (2.35 or later) and the kernel gives transparent huge pages
+  to memory that asks for them, and only to that (`madvise` mode)."""
+  libc, version = platform.libc_ver()
+  if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+    return False
   try:
     with open(_THP) as f:
       return "[madvise]" in f.read()
