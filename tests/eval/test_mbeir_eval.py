@@ -1,4 +1,4 @@
-"""`python -m trace_jax.eval` end to end on a briefly trained demo model."""
+"""`python -m trace_jax.eval` end to end on a briefly trained demo model, and its QPS timing."""
 
 import json
 import os
@@ -41,3 +41,32 @@ def test_evaluate_writes_scores_embeddings_and_lists(tmp_path):
   config.eval.pool, config.eval.qps_queries = "global", 0
   union = mbeir_eval.evaluate(config, workdir)
   assert union["pool"] == "global" and set(union["tasks"]) == set(saved["tasks"])
+
+
+class _ClockEncoder:
+  """Stands in for the encoder: records the modes it runs and advances a fake clock by a cost
+  per mode and per pass (pass 0 is the warm-up)."""
+
+  def __init__(self, cost):
+    self.cost, self.calls, self.now = cost, [], 0.0
+
+  def encode_queries(self, items, mode):
+    self.now += self.cost[mode] * (1 + len(self.calls))
+    self.calls.append(mode)
+
+
+def test_mode_times_alternates_modes_and_pairs_rounds(monkeypatch):
+  enc = _ClockEncoder({"adaptive": 2.0, "direct": 1.0, "always_reason": 5.0})
+  monkeypatch.setattr(mbeir_eval.time, "perf_counter", lambda: enc.now)
+  times = mbeir_eval.mode_times(enc, ["q"] * 10, rounds=3)
+  # A warm-up pass of each mode, then each round every mode, the order rotating.
+  assert enc.calls == ["adaptive", "direct", "always_reason",
+                       "adaptive", "direct", "always_reason",
+                       "direct", "always_reason", "adaptive",
+                       "always_reason", "adaptive", "direct"]
+  # Pass i (0-based over all calls) costs cost[mode] * (i + 1).
+  assert times == {"adaptive": [2.0 * 4, 2.0 * 9, 2.0 * 11],
+                   "direct": [1.0 * 5, 1.0 * 7, 1.0 * 12],
+                   "always_reason": [5.0 * 6, 5.0 * 8, 5.0 * 10]}
+  assert mbeir_eval.best_qps(times, 10) == {"adaptive": 10 / 8.0, "direct": 10 / 5.0,
+                                            "always_reason": 10 / 30.0}

@@ -75,25 +75,36 @@ def _pool(path: str, encoder: Encoder) -> tuple[list[str], np.ndarray]:
                                                 for c in pool.values()])
 
 
-def task_qps(encoder: Encoder, items, rounds: int) -> dict[str, float]:
-  """Queries/s of `items` in each encoder mode, timed side by side.
+def mode_times(encoder: Encoder, items, rounds: int) -> dict[str, list[float]]:
+  """Seconds to encode `items` in each encoder mode, one entry per round, timed side by side.
 
   Every mode runs once first (compiling its programs); then `rounds` rounds each time every mode
-  in turn, and a mode's rate is its best round: on a shared machine the fastest run is the one
-  least disturbed by other work, and alternating keeps slow spells from favouring one mode. The
-  order rotates each round (no mode always follows the slow always-reason pass) and garbage is
-  collected before each timed pass.
+  in turn. The order rotates each round (no mode always follows the slow always-reason pass) and
+  garbage is collected before each timed pass. Round r's entries of two modes ran within the
+  same round, so their ratio is a paired measurement.
   """
   for mode in MODES:
     encoder.encode_queries(items, mode)
-  best = dict.fromkeys(MODES, float("inf"))
+  times: dict[str, list[float]] = {mode: [] for mode in MODES}
   for r in range(rounds):
     for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
       gc.collect()
       start = time.perf_counter()
       encoder.encode_queries(items, mode)
-      best[mode] = min(best[mode], time.perf_counter() - start)
-  return {mode: len(items) / t for mode, t in best.items()}
+      times[mode].append(time.perf_counter() - start)
+  return times
+
+
+def task_qps(encoder: Encoder, items, rounds: int) -> dict[str, float]:
+  """Queries/s of `items` in each encoder mode (`mode_times`), each mode's best round: on a
+  shared machine the fastest run is the one least disturbed by other work, and alternating keeps
+  slow spells from favouring one mode."""
+  return best_qps(mode_times(encoder, items, rounds), len(items))
+
+
+def best_qps(times: dict[str, list[float]], n: int) -> dict[str, float]:
+  """Queries/s of each mode's fastest round (`mode_times`) of `n` queries."""
+  return {mode: n / min(t) for mode, t in times.items()}
 
 
 def evaluate(config, workdir: str, root: str | None = None) -> dict:
