@@ -44,8 +44,8 @@ def test_evaluate_writes_scores_embeddings_and_lists(tmp_path):
 
 
 class _ClockEncoder:
-  """Stands in for the encoder: records the modes it runs and advances a fake clock by a cost
-  per mode and per pass (pass 0 is the warm-up)."""
+  """Stands in for the encoder: records the modes it runs and advances a fake clock by the mode's
+  cost times the pass's number (counting every call from 1), so each pass takes its own time."""
 
   def __init__(self, cost):
     self.cost, self.calls, self.now = cost, [], 0.0
@@ -64,7 +64,7 @@ def test_mode_times_alternates_modes_and_pairs_rounds(monkeypatch):
                        "adaptive", "direct", "always_reason",
                        "direct", "always_reason", "adaptive",
                        "always_reason", "adaptive", "direct"]
-  # Pass i (0-based over all calls) costs cost[mode] * (i + 1).
+  # The first three passes are the warm-up; pass i (from 1) took cost[mode] * i.
   assert times == {"adaptive": [2.0 * 4, 2.0 * 9, 2.0 * 11],
                    "direct": [1.0 * 5, 1.0 * 7, 1.0 * 12],
                    "always_reason": [5.0 * 6, 5.0 * 8, 5.0 * 10]}
