@@ -84,7 +84,8 @@ def main(argv):
     print(f"{name:12s} hard {hard_share:4.0%}  routed to reasoning {routed:5.1%}  "
           + "  ".join(f"{m} {r:7.1f} q/s" for m, r in qps.items())
           + f"  adaptive/direct {result['adaptive_over_direct']:.2f} (paired rounds: median "
-          f"{statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f})")
+          f"{result['adaptive_over_direct_paired_median']:.2f}, "
+          f"{min(paired):.2f}-{max(paired):.2f})")
     lines.append(json.dumps(result))
   for line in lines:
     print(line)
