@@ -1,7 +1,11 @@
-"""Test harness: 8 fake CPU devices, mesh fixtures, float32 matmuls, a compilation cache."""
+"""Test harness: 8 fake CPU devices, mesh fixtures, float32 matmuls, a per-process
+compilation cache."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
@@ -13,8 +17,14 @@ import pytest  # noqa: E402
 from trace_jax import sharding  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+# A compilation cache for this process only: modules recompile programs after
+# `_release_executables`, and the cache serves them again. Not shared across runs: with jax
+# 0.10.2, sharded XLA:CPU programs that one process wrote deadlock when another loads them, the
+# devices waiting in different collectives until XLA aborts (tests/train/test_step.py passed
+# over an empty shared cache and aborted when run again over the entries it wrote; README).
+_CACHE_DIR = tempfile.mkdtemp(prefix="trace_jax_test_jit_cache_")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -33,7 +43,7 @@ def mesh_factory():
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_executables():
-  """Drops the compiled programs when each test module ends (the disk cache keeps them).
+  """Drops the compiled programs when each test module ends (the process's cache keeps them).
 
   Each XLA:CPU executable holds its JIT-compiled code in memory mappings while it is cached; the
   whole suite in one process compiles enough programs to pass the kernel's limit on mappings
