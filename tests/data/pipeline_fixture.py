@@ -7,14 +7,13 @@ import dataclasses
 import glob
 import os
 
+from tests.fixtures import MBEIR_MINI
 from tests.model import tiny
 from trace_jax.data import prompts
 from trace_jax.data.examples import TrainExample
 from trace_jax.data.tokenizer import SentencePieceTokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ROOT = next(p for p in (os.path.join(REPO, "..", "shared", "fixtures", "mbeir_mini"),
-                        "/work/shared/fixtures/mbeir_mini") if os.path.isdir(p))
+ROOT = MBEIR_MINI
 WORDS = "red green blue yellow circle square triangle left right top bottom center make remove"
 
 

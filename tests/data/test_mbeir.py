@@ -1,7 +1,7 @@
 """Tests of trace_jax.data.mbeir on the `mbeir_mini` fixture (real M-BEIR layout, tiny content).
 
-The fixture lives in `shared/fixtures/mbeir_mini`, next to the repository; its README lists the
-traps checked here. Malformed inputs are written into `tmp_path`. No image is decoded.
+The fixture lives in `tests/fixtures/mbeir_mini`; its README lists the traps checked here.
+Malformed inputs are written into `tmp_path`. No image is decoded.
 """
 
 from __future__ import annotations
@@ -14,22 +14,11 @@ import shutil
 
 import pytest
 
+from tests.fixtures import MBEIR_MINI
 from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _fixture_root() -> str:
-  """`../shared/fixtures/mbeir_mini` from the repo root, else the copy under /work/shared."""
-  for base in (os.path.join(_REPO_ROOT, "..", "shared"), "/work/shared"):
-    path = os.path.normpath(os.path.join(base, "fixtures", "mbeir_mini"))
-    if os.path.isdir(path):
-      return path
-  pytest.skip("mbeir_mini fixture not found", allow_module_level=True)
-
-
-ROOT = _fixture_root()
+ROOT = MBEIR_MINI
 FIXTURE_TASKS = {  # name -> (#queries, #pool candidates, pool modality)
     "mscoco_task0": (4, 12, "image"),
     "mscoco_task3": (4, 13, "text"),

@@ -10,34 +10,21 @@ import os
 
 import pytest
 
+from tests.fixtures import MBEIR_MINI
 from trace_jax.data import mbeir
 from trace_jax.eval import metrics
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _K_LIST = (1, 5, 10)
 _WRONG_VARIANTS = ("fraction_of_positives", "modality_filtered_hit")
 
-
-def _find_fixture() -> str | None:
-  """`../shared/fixtures/mbeir_mini` from the repo root, else /work/shared's copy, else None."""
-  for base in (os.path.join(_REPO_ROOT, "..", "shared"), "/work/shared"):
-    path = os.path.normpath(os.path.join(base, "fixtures", "mbeir_mini"))
-    if os.path.isdir(path):
-      return path
-  return None
-
-
-_FIXTURE = _find_fixture()
-_RUNS = os.path.join(_FIXTURE, "runs") if _FIXTURE else None
-_RUN_NAMES = sorted(n for n in os.listdir(_RUNS) if n.endswith("_run.txt")) if _RUNS else []
+_RUNS = os.path.join(MBEIR_MINI, "runs")
+_RUN_NAMES = sorted(n for n in os.listdir(_RUNS) if n.endswith("_run.txt"))
 
 
 @pytest.fixture(scope="module")
 def root() -> str:
-  """The fixture's M-BEIR root; skips the test where the fixture is absent."""
-  if _FIXTURE is None:
-    pytest.skip("mbeir_mini fixture not found")
-  return _FIXTURE
+  """The fixture's M-BEIR root."""
+  return MBEIR_MINI
 
 
 @pytest.fixture(scope="module")
