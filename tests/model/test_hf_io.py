@@ -15,6 +15,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -145,6 +146,20 @@ def test_import_export_is_bit_exact(ckpts, tmp_path, family, tie, dtype, param_d
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["dtype"] == dtype
   assert from_hf_config(read_hf_config(out), dtype="float32", param_dtype=param_dtype) == cfg
+
+
+def test_dtypes_as_jax_users_write_them(ckpts, tmp_path):
+  src = ckpts.get("qwen2_5_vl")
+  by_name, cfg = load_hf(src, dtype="float32", param_dtype="bfloat16")
+  by_object, cfg_object = load_hf(src, dtype=jnp.float32, param_dtype=np.dtype(jnp.bfloat16))
+  assert cfg_object == cfg and (cfg.dtype, cfg.param_dtype) == ("float32", "bfloat16")
+  assert_same_params(by_object, by_name)
+  out = str(tmp_path / "out")
+  save_hf(by_object, out, dtype=jnp.bfloat16)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  with pytest.raises(ValueError, match=r"int32.*bfloat16"):
+    load_hf(src, dtype=jnp.int32)
 
 
 # 2. Checkpoints in several files.

@@ -10,10 +10,26 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
+
+
+def dtype_name(dtype: Any) -> str:
+  """The name in `DTYPES` of a dtype given as a name ("bfloat16") or as JAX users write it
+  (`jnp.bfloat16`, `np.float32`, `np.dtype("float16")`)."""
+  if isinstance(dtype, str):
+    name = dtype
+  else:
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      name = repr(dtype)
+  if name not in DTYPES:
+    raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)} (a name or a dtype)")
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +99,11 @@ class ModelConfig:
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}")
+    for name in ("dtype", "param_dtype"):  # Kept as names (dtype objects are accepted).
+      try:
+        object.__setattr__(self, name, dtype_name(getattr(self, name)))
+      except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
     t = self.text

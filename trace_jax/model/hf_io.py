@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from trace_jax import sharding
-from trace_jax.model.config import DTYPES, ModelConfig
+from trace_jax.model.config import DTYPES, ModelConfig, dtype_name
 from trace_jax.model.hf_config import from_hf_config, read_hf_config, to_hf_config
 from trace_jax.model.qwen_vl import QwenVL
 
@@ -171,7 +171,7 @@ class _Checkpoint:
     return handle.get_tensor(spec.hf_name)
 
 
-def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
+def load_hf(hf_dir: str, *, dtype: Any = "bfloat16", param_dtype: Any = "float32",
             mesh: jax.sharding.Mesh | None = None, remat: str = "none"
             ) -> tuple[QwenVL, ModelConfig]:
   """Loads a Hugging Face Qwen2-VL / Qwen2.5-VL directory into a (sharded) `QwenVL`.
@@ -179,9 +179,14 @@ def load_hf(hf_dir: str, *, dtype: str = "bfloat16", param_dtype: str = "float32
   Tensors are read one at a time and placed on the mesh directly (stacked layer weights are
   filled slice by slice), so no host buffer ever holds the whole model.
 
+  Args:
+    dtype, param_dtype: compute and parameter dtypes, as names ("bfloat16") or dtypes
+      (`jnp.float32`).
+
   Returns:
     (model, model_config).
   """
+  dtype, param_dtype = dtype_name(dtype), dtype_name(param_dtype)
   cfg = from_hf_config(read_hf_config(hf_dir), source=os.path.join(hf_dir, "config.json"),
                        dtype=dtype, param_dtype=param_dtype, remat=remat)
   ckpt = _Checkpoint(hf_dir)
@@ -247,7 +252,7 @@ def _update_layer(full: jax.Array, piece: jax.Array, i: jax.Array) -> jax.Array:
 _set_layer = jax.jit(_update_layer, donate_argnums=0)
 
 
-def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16",
+def save_hf(model: QwenVL, out_dir: str, *, dtype: Any = "bfloat16",
             base_config: dict | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `model` as a Hugging Face directory (hub key layout) that transformers loads.
 
@@ -255,7 +260,7 @@ def save_hf(model: QwenVL, out_dir: str, *, dtype: str = "bfloat16",
   `max_shard_bytes`, with `model.safetensors.index.json` when there is more than one. Shards and
   an index left in `out_dir` by an earlier save are removed.
   """
-  cfg = model.cfg
+  cfg, dtype = model.cfg, dtype_name(dtype)
   os.makedirs(out_dir, exist_ok=True)
   hf_cfg = to_hf_config(cfg, base_config)
   hf_cfg["dtype"] = dtype
