@@ -128,7 +128,8 @@ def jax_runner(hf_dir, q, c, pixels, devices):
   from trace_jax.model.hf_io import load_hf
   from trace_jax.model.positions import rope_index, vision_layout
   from trace_jax.train import state as state_lib
-  from trace_jax.train.step import StepConfig, batch_shardings, make_train_step
+  from trace_jax.data.batch import batch_shardings
+  from trace_jax.train.step import StepConfig, make_train_step
   mesh = sharding.make_mesh(1, -1, 1, devices=jax.devices()[:devices])
   model, cfg = load_hf(hf_dir, dtype="float32", mesh=mesh)
   optim = ConfigDict(dict(lr=1e-4, warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.01,

@@ -1,4 +1,4 @@
-"""`trace_jax.model.export` (what `tools/export_hf.py` runs) on tiny random Qwen2.5-VL models.
+"""`trace_jax.infer.export` (what `tools/export_hf.py` runs) on tiny random Qwen2.5-VL models.
 
 A LoRA model with non-zero adapters is exported; transformers loads the directory with no missing
 or unexpected keys and computes the LoRA model's last-layer hidden states and embedding; the
@@ -28,11 +28,11 @@ from tests.model import reference
 from tests.model.reference import Case
 from trace_jax.data import prompts
 from trace_jax.data.tokenizer import EMB_TOKEN, HFTokenizer, SentencePieceTokenizer
-from trace_jax.model import export as export_lib
+from trace_jax.infer import export as export_lib
 from trace_jax.model.hf_io import load_hf
 from trace_jax.model.lora import TARGETS, LoRADense, apply_lora
 from trace_jax.model.vocab import add_token_rows
-from trace_jax.train.step import READOUTS, readout_index
+from trace_jax.model.readout import READOUTS, readout_index
 
 CASE = Case("v25", "qwen2_5_vl", kv_heads=2, tie=False, grids=((1, 4, 8),))
 EMB = 295  # Stands in for `<|emb|>` in the reference batch (its text ids are below 280).

@@ -6,7 +6,8 @@ import pytest
 from configs import common
 from tests.data import pipeline_fixture as fx
 from trace_jax.train import setup
-from trace_jax.train.step import readout_index, split_micro, target_slots
+from trace_jax.model.readout import readout_index
+from trace_jax.train.step import split_micro, target_slots
 
 EMB, EOR = 9, 8
 

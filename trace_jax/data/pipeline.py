@@ -23,10 +23,10 @@ import jax
 import numpy as np
 from absl import flags
 
+from trace_jax.data.batch import batch_shardings
 from trace_jax.data.examples import TrainExample
 from trace_jax.data.transforms import BAD, ToArrays
 from trace_jax.model.positions import vision_layout
-from trace_jax.train import step as step_lib
 
 SKIPPED = "data/skipped_examples"
 
@@ -201,7 +201,7 @@ def to_global(host_batch: dict[str, np.ndarray], mesh, model_cfg, image_grid) ->
   layout = _bucket_layout(model_cfg.vision, model_cfg.family == "qwen2_5_vl", tuple(image_grid))
   batch = {k: v for k, v in host_batch.items() if k not in (SKIPPED, "task_id")}
   batch.update(query_layout=layout, cand_layout=layout)
-  shardings = step_lib.batch_shardings(batch, mesh)
+  shardings = batch_shardings(batch, mesh)
 
   def one(x, sharding):
     if sharding.spec == jax.sharding.PartitionSpec():

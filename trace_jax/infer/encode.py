@@ -19,7 +19,7 @@ token.
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
 after routing and decoding one more forward pass runs over each row's prompt + generated text +
-`<|emb|>` and reads the position the train step reads (`train.step.readout_index`); candidates
+`<|emb|>` and reads the position the train step reads (`model.readout.readout_index`); candidates
 then feed `<|emb|>` with their prompt. With `cand_reasoning` (the candidate-side reasoning
 ablation) candidates use the reasoning candidate prompt and are encoded like adaptive queries.
 Retrieval itself is in `retrieval.py`.
@@ -44,7 +44,7 @@ from trace_jax.data.tokenizer import Tokenizer
 from trace_jax.model.decoder import KVCache
 from trace_jax.model.positions import rope_index, vision_layout
 from trace_jax.model.qwen_vl import QwenVL
-from trace_jax.train.step import READOUTS, readout_index
+from trace_jax.model.readout import READOUTS, normalize, readout_index
 
 MODES = ("adaptive", "direct", "always_reason")
 
@@ -64,11 +64,6 @@ class Encoded:
   reasoned: np.ndarray  # [N] bool: the row wrote at least one token before <|emb|>.
 
 
-def _unit(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 # The jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
 # graph on every call, which costs more than a decoding step of a small model.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
@@ -80,7 +75,7 @@ def _prefill(graphdef, state, ids, mask, positions, pixels, layout, read, max_le
   out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
               return_logits=False, cache=cache)
   h = jnp.take_along_axis(out.hidden_states, read[:, None, None], axis=1)[:, 0]
-  return _unit(h), model.logits(h), out.cache
+  return normalize(h), model.logits(h), out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
@@ -100,7 +95,7 @@ def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps
     out = model.decode(tokens[:, None], cache)
     h = out.hidden_states[:, 0]
     nxt = jnp.argmax(model.logits(h), axis=-1).astype(tokens.dtype)
-    h_out = jnp.where(active[:, None], _unit(h), h_out)  # The pre-token once <|emb|> is next.
+    h_out = jnp.where(active[:, None], normalize(h), h_out)  # The pre-token once <|emb|> is next.
     going = active & (nxt != emb_id) & (counts < max_new)
     written = written.at[:, i].set(jnp.where(going, nxt, -1))
     return (i + 1, jnp.where(going, nxt, tokens), counts + going, going, h_out, written,

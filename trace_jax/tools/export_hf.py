@@ -2,7 +2,7 @@
 
 Restores the newest checkpoint of a training run (as `trace_jax.eval` does), merges its LoRA
 adapters and writes a Hugging Face directory with the tokenizer and a README on reading the
-embedding with transformers (`trace_jax/model/export.py` does the work). When `ckpt.init_from`
+embedding with transformers (`trace_jax/infer/export.py` does the work). When `ckpt.init_from`
 is a Hugging Face directory, its config.json fields and processor files are carried over.
 """
 
@@ -29,7 +29,7 @@ def main(argv):
   from trace_jax import sharding  # After XLA_FLAGS: these initialise JAX.
   from trace_jax.data.setup import marker_id
   from trace_jax.eval.mbeir_eval import load_model
-  from trace_jax.model.export import export
+  from trace_jax.infer.export import export
   from trace_jax.model.hf_config import read_hf_config
 
   with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):

@@ -15,8 +15,9 @@ import optax
 from flax import nnx
 
 from trace_jax import sharding
-from trace_jax.model import factory
 from trace_jax.data import setup as data_setup
+from trace_jax.data.batch import batch_shardings
+from trace_jax.model import factory
 from trace_jax.model.lora import apply_lora
 from trace_jax.model.vocab import add_token_rows
 from trace_jax.model.positions import vision_layout
@@ -124,4 +125,4 @@ def abstract_batch(config, mesh) -> dict:
   batch["query_target_mask"] = jax.ShapeDtypeStruct((b, config.data.query_len), jnp.int32)
   if config.data.cand_target != "none":  # Candidate-side reasoning: candidates have targets too.
     batch["cand_target_mask"] = jax.ShapeDtypeStruct((b, config.data.cand_len), jnp.int32)
-  return with_shardings(batch, step_lib.batch_shardings(batch, mesh))
+  return with_shardings(batch, batch_shardings(batch, mesh))

@@ -15,25 +15,19 @@ mean over the global batch of the query->candidate InfoNCE term.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from trace_jax import sharding
+from trace_jax.data.batch import SIDES, batch_shardings, field_of, side_of
+from trace_jax.model.readout import READOUTS, normalize, readout_index
 from trace_jax.train import losses
 from trace_jax.train.state import TrainState
 
-READOUTS = ("pre_token", "emb", "end_of_reasoning")
 IMPLS = ("global", "shard_map", "chunked")
-# Logical axes of each batch field (layouts of one image are replicated).
-BATCH_AXES = {
-  "ids": ("act_batch", "act_len"), "mask": ("act_batch", "act_len"),
-  "target_mask": ("act_batch", "act_len"), "positions": (None, "act_batch", "act_len"),
-  "pixels": ("act_batch", None, None), "is_reasoning": ("act_batch",),
-}
-SIDES = ("query", "cand", "neg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,20 +60,6 @@ class StepConfig:
     return cls(**kw, micro_batches=config.optim.micro_batches, seed=config.seed)
 
 
-def readout_index(ids_bt: jax.Array, mode: str, emb_id: int, eor_id: int) -> jax.Array:
-  """Index [B] of the position whose hidden state is the embedding (first `<|emb|>` based)."""
-  t = ids_bt.shape[1]
-  emb = jnp.argmax(ids_bt == emb_id, axis=1)
-  if mode == "emb":
-    return emb
-  pre = emb - 1
-  if mode == "pre_token":
-    return pre
-  before = (ids_bt == eor_id) & (jnp.arange(t)[None] < emb[:, None])
-  last = t - 1 - jnp.argmax(before[:, ::-1], axis=1)
-  return jnp.where(before.any(axis=1), last, pre)
-
-
 def target_slots(ids_bt, target_mask_bt, m: int):
   """The first `m` target tokens of each row: (predicting positions, target ids, weights) [B, m],
   and how many targets did not fit."""
@@ -89,26 +69,6 @@ def target_slots(ids_bt, target_mask_bt, m: int):
   targets = jnp.take_along_axis(ids_bt[:, 1:], order, axis=1)
   dropped = jnp.sum(is_target) - jnp.sum(weights)
   return order, targets, weights, dropped
-
-
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _side(batch, side):
-  return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
-
-
-def batch_shardings(batch: dict, mesh) -> dict:
-  """NamedShardings for a batch dict (`<side>_<field>` keys; other leaves replicated)."""
-  def one(key, leaf):
-    field = key.split("_", 1)[1] if key.split("_", 1)[0] in SIDES else key
-    axes = BATCH_AXES.get(field)
-    if axes is None:
-      return jax.tree.map(lambda _: sharding.replicated(mesh), leaf)
-    return NamedSharding(mesh, sharding.logical_to_spec(axes, leaf.shape, mesh))
-  return {k: one(k, v) for k, v in batch.items()}
 
 
 def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation, schedule,
@@ -132,13 +92,13 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
     keys = jax.random.split(rng, 3)
     out = {}
     for i, side in enumerate(s for s in SIDES if f"{s}_ids" in batch):
-      b = _side(batch, side)
+      b = side_of(batch, side)
       h = model(b["ids"], b["mask"], b.get("pixels"), position_ids=b["positions"],
                 vision_layout=b.get("layout"), return_logits=False,
                 dropout_rng=keys[i]).hidden_states
       idx = readout_index(b["ids"], cfg.readout, cfg.emb_token_id, cfg.eor_token_id)
       emb = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-      out[side] = _normalize(sharding.constrain(emb, ("act_batch", "act_embed")))
+      out[side] = normalize(sharding.constrain(emb, ("act_batch", "act_embed")))
       if "target_mask" in b:  # Queries; candidates too under candidate-side reasoning.
         pos, tgt, w, dropped = target_slots(b["ids"], b["target_mask"], cfg.max_target_tokens)
         h_sel = sharding.constrain(jnp.take_along_axis(h, pos[..., None], axis=1),
@@ -223,7 +183,7 @@ def split_micro(batch: dict, k: int) -> dict:
   """[B, ...] -> [k, B/k, ...] (positions: [3, B, T] -> [k, 3, B/k, T]); micro-batch j takes
   rows j, j+k, j+2k, ... so that each stays spread over every device. Layouts are shared."""
   def one(key, x):
-    field = key.split("_", 1)[1] if key.split("_", 1)[0] in SIDES else key
+    field = field_of(key)
     if field == "layout":
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (k, *a.shape)), x)
     axis = 1 if field == "positions" else 0

@@ -28,7 +28,7 @@ SENTENCEPIECE_FILE = "sentencepiece.model"
 # Processor files of the base model that transformers reads next to the weights.
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "generation_config.json")
-# Which position's last-layer state is the embedding; the keys are `train.step.READOUTS`.
+# Which position's last-layer state is the embedding; the keys are `model.readout.READOUTS`.
 READOUTS = {
   "pre_token": "the token just before the first `<|emb|>` (for candidates and direct queries: the "
                "last prompt token, `\\n` after `assistant`)",
@@ -156,7 +156,7 @@ def readme(info: dict, family: str) -> str:
                         "it.", 96, subsequent_indent="   ")
   return f"""# TRACE retrieval embedding model
 
-Exported by trace_jax (`trace_jax/model/export.py`). The LoRA adapters are merged into the
+Exported by trace_jax (`trace_jax/infer/export.py`). The LoRA adapters are merged into the
 weights, so this is a plain `{cls}` checkpoint:
 `transformers.AutoModelForImageTextToText` loads it with no extra code. `{EMBEDDING_FILE}` holds
 the readout below as data.
