@@ -43,7 +43,7 @@ def step_rate(config, s) -> float:
   from trace_jax.train.step import make_train_step
   step_cfg = setup.step_config(config, s.tok)
   step = make_train_step(s.graphdef, step_cfg, s.tx, s.schedule, s.mesh,
-                         state_lib.shardings_of(s.state), setup.abstract_batch(config, s.mesh))
+                         state_lib.shardings_of(s.state))
   host = next(iter(data_setup.train_dataset(config, s.tok, s.model_cfg)))
   batch = pipeline.to_global(host, s.mesh, s.model_cfg, tuple(config.data.image_grid))
   state = s.state

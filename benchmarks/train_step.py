@@ -151,7 +151,7 @@ def jax_runner(hf_dir, q, c, pixels, devices):
   step_fn = make_train_step(graphdef, StepConfig(emb_token_id=emb, temperature=TAU,
                                                  contrastive_impl="global", vocab_chunk=4096,
                                                  max_target_tokens=TARGETS),
-                            tx, schedule, mesh, state_lib.shardings_of(st), batch)
+                            tx, schedule, mesh, state_lib.shardings_of(st))
   batch = jax.tree.map(jax.device_put, batch, batch_shardings(batch, mesh))
   box = {"state": st}
 

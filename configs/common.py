@@ -81,8 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.contrastive_chunk = 256
   # Vocabulary chunk of the streamed LM cross-entropy.
   c.loss.vocab_chunk = 8192
-  # LM-loss slots per query: targets beyond this are dropped and counted in `lm/dropped_targets`.
-  c.loss.max_target_tokens = 256
+  # LM-loss slots per query: a longer target loses its first tokens (counted in
+  # `lm/dropped_targets`), never its answer and <|emb|>. Default: the longest target the CoT
+  # filter admits (256 reasoning + 64 answer tokens + 16 for joins, marker and <|emb|>;
+  # `data.cot.MAX_TARGET_TOKENS`).
+  c.loss.max_target_tokens = 336
   # Embedding readout: pre_token (paper default) | emb (the <|emb|> token) | end_of_reasoning
   # (the last end-of-reasoning marker before <|emb|>; needs data.reasoning_marker).
   c.loss.readout = "pre_token"
@@ -115,6 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Smaller padding buckets below query_len / cand_len (each adds one compiled step program).
   c.data.query_buckets = ()
   c.data.cand_buckets = ()
+  # Truncation (LamRA's policy): the query text (instruction included) is cut to this many
+  # tokens, the candidate text to `cand_text_tokens`, and both further so that the sequence fits
+  # the longest bucket; the instruction, image tokens, rule and target stay whole. Cuts are
+  # counted (`data/truncated_texts`) and logged with the example's id. 0 = no limit of its own.
+  c.data.query_text_tokens = 480
+  c.data.cand_text_tokens = 1024
   # An M-BEIR-format root (real M-BEIR, or the demo world generated there when asked).
   c.data.root = ""
   c.data.generate_world = False
@@ -152,9 +161,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Sampling weight per task id, e.g. {"0": 1, "7": 3}; empty = proportional to task size.
   c.data.task_weights = {}
   c.data.one_task_per_batch = False
-  # Bad example (missing image, too long, empty candidate): "error" stops with its id; "skip"
-  # drops it and counts it in data/skipped_examples.
+  # Bad example (missing image, too long even without its text, empty candidate): "error" stops
+  # with its id; "skip" drops it, logs it with its reason and counts it in
+  # data/skipped_examples (all processes).
   c.data.on_bad_example = "error"
+  # Under "skip": stop with an error when more than this fraction of any window of
+  # `skip_window` examples drawn by a process is bad.
+  c.data.max_skip_fraction = 0.1
+  c.data.skip_window = 1000
   # Grain worker processes decoding images (0 = in the training process).
   c.data.workers = 0
   # Fixed data shards (0 = one per process). Process p reads a contiguous run of them, so a run
@@ -178,8 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.pool = "local"
   c.eval.batch_size = 32
   c.eval.prompt_buckets = (64, 128, 256, 512)
-  # Longest reasoning the encoder writes before it must emit <|emb|>.
-  c.eval.max_new_tokens = 128
+  # Longest reasoning the encoder writes before it must emit <|emb|>; a row that reaches it is
+  # read where it stopped and counted in results.json (`capped_rate`). Default: the longest
+  # target the CoT filter admits (as loss.max_target_tokens).
+  c.eval.max_new_tokens = 336
   # Decoding steps per on-device loop; the decode batch is compacted between loops.
   c.eval.decode_chunk = 16
   # Queries per task timed in each encoder mode for queries/s (0 = skip the timing).

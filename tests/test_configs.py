@@ -110,3 +110,12 @@ def test_invalid_value_raises():
   config = get_config("demo", "dtype=float64")
   with pytest.raises(ValueError, match="float64"):
     factory.model_config(config)
+
+
+def test_target_caps_cover_what_the_cot_filter_admits():
+  """The LM-loss slots and the encoder's reasoning cap default to the longest target the
+  M-BEIR-CoT length rule keeps, so no admitted trace loses its end."""
+  from configs import common
+  from trace_jax.data import cot
+  c = common.base_config()
+  assert c.loss.max_target_tokens == c.eval.max_new_tokens == cot.MAX_TARGET_TOKENS

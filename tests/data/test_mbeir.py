@@ -277,6 +277,19 @@ def test_bad_pool_lines(tmp_path):
     mbeir.load_pool(path)
 
 
+def test_empty_text_is_content_not_structure(tmp_path):
+  """UniIR embeds `format_string(txt or "")`: a text candidate or query with empty or null text
+  loads (strict on structure, as tolerant as the reference on content)."""
+  lines = [json.dumps({"txt": "", "img_path": None, "modality": "text", "did": "9:90"}),
+           json.dumps({"txt": None, "img_path": None, "modality": "text", "did": "9:91"})]
+  path = tmp_path / "pool.jsonl"
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  pool = mbeir.load_pool(str(path))
+  assert pool["9:90"].text == "" and pool["9:91"].text is None
+  query = _copy_with_line(tmp_path, _QUERY_FILE, 2, _query_line(query_txt=None))
+  assert mbeir.load_queries(query)[2].text is None
+
+
 def test_candidate_without_src_content_key(tmp_path):
   cand = {"txt": None, "img_path": "mbeir_images/x.jpg", "modality": "image", "did": "0:888364"}
   path = tmp_path / "pool.jsonl"

@@ -12,7 +12,9 @@ from ml_collections import ConfigDict
 from tests.data import pipeline_fixture as fx
 from trace_jax import sharding
 from trace_jax.data import shards
-from trace_jax.data.pipeline import SKIPPED, Buckets, group_by_task, make_dataset, to_global
+from trace_jax.data.pipeline import (SKIP_REASONS, SKIPPED, Buckets, TooManyBadExamplesError,
+                                     group_by_task, make_dataset, to_global)
+from trace_jax.data.transforms import TRUNCATED
 from trace_jax.data.transforms import BadExampleError, Shapes, ToArrays
 from trace_jax.model import QwenVL
 from trace_jax.train import state as state_lib
@@ -28,9 +30,9 @@ def tok(tmp_path_factory):
 
 
 def dataset(tok, examples=None, on_bad="error", cand_may_reason=False, shapes=SHAPES,
-            buckets=BUCKETS, **kw):
+            buckets=BUCKETS, query_text_tokens=0, **kw):
   to_arrays = ToArrays(tok, fx.model_config(tok), shapes, fx.ROOT, on_bad_example=on_bad,
-                       cand_may_reason=cand_may_reason)
+                       cand_may_reason=cand_may_reason, query_text_tokens=query_text_tokens)
   kw.setdefault("batch_size", 4)
   kw.setdefault("seed", 0)
   return make_dataset(group_by_task(examples or fx.examples()), to_arrays, buckets, **kw)
@@ -92,11 +94,46 @@ def test_bad_examples_error_or_skip(tok):
   examples = fx.examples(8)
   examples[1] = dataclasses.replace(examples[1], query_image="mbeir_images/none.jpg")
   examples[2] = dataclasses.replace(examples[2], cand_text="  ", cand_image=None)
-  examples[3] = dataclasses.replace(examples[3], query_text="long " * 400)
+  examples[3] = dataclasses.replace(examples[3], reasoning="long " * 400)  # No room, even cut.
   with pytest.raises(BadExampleError, match=r"fixture:\d \(query 10:\d\)"):
     take(dataset(tok, examples, task_weights=None), 4)
-  batches = take(dataset(tok, examples, on_bad="skip", batch_size=2), 8)
-  assert sum(int(b[SKIPPED]) for b in batches) > 0
+  batches = take(dataset(tok, examples, on_bad="skip", batch_size=2, max_skip_fraction=0.9,
+                         skip_window=8), 8)
+  reasons = [r for b in batches for r in b[SKIP_REASONS]]
+  assert sum(int(b[SKIPPED]) for b in batches) == len(reasons) > 0
+  for i, what in ((1, "image not found"), (2, "empty text and no image"),
+                  (3, "without any of its text")):
+    named = [r for r in reasons if r.startswith(f"fixture:{i} (query 10:{i}): ")]
+    assert named and all(what in r for r in named), (i, reasons)
+
+
+def test_too_many_bad_examples_stop_with_their_reasons(tok):
+  """A source of bad examples only would loop forever: it stops, naming the last reasons."""
+  examples = [dataclasses.replace(e, query_image="mbeir_images/none.jpg", cand_image=None)
+              for e in fx.examples(8) if e.query_image]
+  with pytest.raises(TooManyBadExamplesError, match=r"fixture:\d+ \(query 10:\d+\): .*not found"):
+    take(dataset(tok, examples, on_bad="skip", batch_size=2, skip_window=50), 1)
+  # Two bad in eight (25%) passes a limit of 30% and fails one of 20%.
+  mixed = fx.examples(8)
+  for i in (1, 5):
+    mixed[i] = dataclasses.replace(mixed[i], query_image="mbeir_images/none.jpg")
+  take(dataset(tok, mixed, on_bad="skip", batch_size=2, max_skip_fraction=0.3, skip_window=8), 8)
+  with pytest.raises(TooManyBadExamplesError, match="max_skip_fraction=0.2"):
+    take(dataset(tok, mixed, on_bad="skip", batch_size=2, max_skip_fraction=0.2, skip_window=8),
+         8)
+
+
+def test_long_texts_are_cut_and_named(tok):
+  examples = fx.examples(8)
+  examples[3] = dataclasses.replace(examples[3], query_text="Find the target. " + "long " * 400)
+  examples[6] = dataclasses.replace(examples[6], cand_text="word " * 400)
+  batches = take(dataset(tok, examples, batch_size=8, query_text_tokens=40), 1)
+  notes = batches[0][TRUNCATED]
+  assert len(notes) == 2, notes
+  cut = len(tok.encode(examples[3].query_text)) - 40  # data.query_text_tokens.
+  assert f"fixture:3 (query 10:3): query text cut by {cut} tokens" in notes
+  assert any(n.startswith("fixture:6 (query 10:6): cand text cut by") for n in notes)  # To fit.
+  assert batches[0]["cand_mask"].sum(1).max() <= SHAPES.max_cand_len
 
 
 def test_arrayrecord_shards_give_the_same_batches(tok, tmp_path):
@@ -131,7 +168,7 @@ def two_steps(tok, mesh, host):
     batch = to_global(host, mesh, cfg, SHAPES.image_grid)
     step = make_train_step(graphdef, StepConfig(emb_token_id=tok.emb_id, vocab_chunk=128,
                                                 max_target_tokens=32),
-                           tx, schedule, mesh, state_lib.shardings_of(st), batch)
+                           tx, schedule, mesh, state_lib.shardings_of(st))
     st, m1 = step(st, batch)
     st, m2 = step(st, batch)
   return jax.device_get((m1, m2))
@@ -144,6 +181,25 @@ def test_train_step_on_pipeline_batches(tok, mesh):
   assert np.isfinite(m1["loss/total"]) and m2["loss/total"] < m1["loss/total"]
   assert m1["lm/target_tokens"] == host["query_target_mask"].sum()
   assert m1["route/reason_frac"] == host["query_is_reasoning"].mean()
+
+
+def test_text_only_sides_carry_no_pixels(tok, mesh):
+  """No vision tower over blank images: a side without images has no pixels (per batch with one
+  task per batch, per mixture otherwise), and the step on it equals the step over blank pixels."""
+  examples = fx.examples(24)
+  by_task = lambda b: int(b["task_id"][0])  # noqa: E731
+  for b in take(dataset(tok, examples, one_task_per_batch=True), 8):
+    assert ("query_pixels" in b) == (by_task(b) != 0)  # Task 0 queries are text.
+    assert ("cand_pixels" in b) == (by_task(b) in (0, 7))  # Tasks 3 and 6: text candidates.
+  mixed = take(dataset(tok, examples), 1)[0]
+  assert "query_pixels" in mixed and "cand_pixels" in mixed
+  task3 = [e for e in examples if e.task_id == 3]
+  host = take(dataset(tok, task3, batch_size=8), 1)[0]
+  assert "query_pixels" in host and "cand_pixels" not in host
+  blank = dict(host, cand_pixels=np.zeros_like(host["query_pixels"]))
+  for a, b in zip(two_steps(tok, mesh, host), two_steps(tok, mesh, blank)):
+    for key in ("loss/total", "loss/contrastive", "optim/grad_norm"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
 
 
 def test_candidate_side_reasoning_targets_join_the_lm_loss(tok, mesh):

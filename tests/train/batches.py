@@ -1,5 +1,6 @@
 """A small TRACE training batch for the tiny model: queries (image + text, then a target of
-reasoning + <|emb|> or <|emb|> alone) and text candidates ending in <|emb|>."""
+reasoning + <|emb|> or <|emb|> alone) and text candidates ending in <|emb|>, with their ids:
+rows 1 and 6 share one candidate (an in-batch duplicate, masked out of each other's negatives)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ EMB = 94
 GRID = (1, 4, 8)
 
 
+DUPLICATE = (1, 6)  # Rows whose queries share one positive candidate.
+
+
 def make(cfg, batch: int = 8, q_len: int = 24, c_len: int = 10, seed: int = 0,
-         hard_negatives: bool = False) -> dict:
+         hard_negatives: bool = False, keys: bool = True) -> dict:
   rng = np.random.default_rng(seed)
   n_img = int(np.prod(GRID)) // 4
   q_ids = np.zeros((batch, q_len), np.int32)
@@ -38,6 +42,12 @@ def make(cfg, batch: int = 8, q_len: int = 24, c_len: int = 10, seed: int = 0,
     for b in range(batch):
       row = list(rng.integers(0, 80, 3 + b % 4)) + [EMB]
       ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    key = np.arange(batch, dtype=np.int32) + (1000 if side == "neg" else 0)
+    if side == "cand":
+      ids[DUPLICATE[1]], mask[DUPLICATE[1]] = ids[DUPLICATE[0]], mask[DUPLICATE[0]]
+      key[DUPLICATE[1]] = key[DUPLICATE[0]]
     out.update({f"{side}_ids": ids, f"{side}_mask": mask,
                 f"{side}_positions": rope_index(ids, mask, None, cfg)})
+    if keys:
+      out[f"{side}_key"] = key
   return out

@@ -159,3 +159,31 @@ def test_marker_readout_and_candidate_side_reasoning_train_and_evaluate(uninterr
   base = rows(plain)[0]
   assert base["step"] == 2 and rows(workdir)[-1]["step"] == 2
   assert rows(workdir)[-1]["lm/target_tokens"] >= base["lm/target_tokens"] + 16
+
+
+def test_skipped_examples_are_logged_with_their_reasons_and_counted(uninterrupted, tmp_path):
+  """Training images removed from a copy of the world: under on_bad_example=skip every skipped
+  example is logged with its file:line and qid, and metrics.jsonl counts them at each log step;
+  over the allowed fraction, the run stops with an error naming the reasons."""
+  world, _ = uninterrupted
+  broken = str(tmp_path / "world")
+  shutil.copytree(world, broken)
+  images = os.path.join(broken, "mbeir_images", "synthetic_images", "train")
+  for name in sorted(os.listdir(images))[::4]:  # A quarter of the training images.
+    os.remove(os.path.join(images, name))
+  workdir = str(tmp_path / "skip")
+  cmd = command(broken, workdir) + ["--config.data.on_bad_example=skip",
+                                    "--config.data.max_skip_fraction=0.9",
+                                    "--config.data.skip_window=64"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logged = [line for line in proc.stderr.splitlines() if "skipped bad example" in line]
+  assert logged and all("_train.jsonl:" in line and "(query 10:" in line and "image not found"
+                        in line for line in logged), logged[:3]
+  counts = [r["data/skipped_examples"] for r in rows(workdir)]
+  assert sum(counts) == len(logged) == rows(workdir)[-1]["data/skipped_total"]
+  strict = subprocess.run(command(broken, str(tmp_path / "strict")) + [
+    "--config.data.on_bad_example=skip", "--config.data.max_skip_fraction=0.01"],
+    cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert strict.returncode != 0
+  assert "TooManyBadExamplesError" in strict.stderr and "image not found" in strict.stderr

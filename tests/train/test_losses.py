@@ -10,15 +10,20 @@ from jax.sharding import PartitionSpec as P
 from trace_jax.train import losses
 
 
-def np_infonce(q, c, scale, neg=None, symmetric=False):
-  """Value and analytic gradients (dq, dc, dneg, dscale) of InfoNCE, float64 numpy."""
-  def one(x, cands, b):
+def np_infonce(q, c, scale, neg=None, symmetric=False, keys=None, neg_keys=None):
+  """Value and analytic gradients (dq, dc, dneg, dscale) of InfoNCE, float64 numpy. With `keys`
+  (the candidates' ids), a column holding the same candidate as the row's positive (and not the
+  positive itself) is no negative: it leaves the softmax."""
+  def one(x, cands, b, row_keys, col_keys):
     s = x @ cands.T
     z = scale * s
+    idx = np.arange(b)
+    if row_keys is not None:
+      dup = (col_keys[None] == row_keys[:, None]) & (np.arange(len(cands))[None] != idx[:, None])
+      z = np.where(dup, -np.inf, z)
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-    idx = np.arange(b)
     loss = np.mean(lse - z[idx, idx])
     onehot = np.zeros_like(s)
     onehot[idx, idx] = 1
@@ -27,10 +32,11 @@ def np_infonce(q, c, scale, neg=None, symmetric=False):
     return loss, ds @ cands, ds.T @ x, dscale
   b = q.shape[0]
   cands = c if neg is None else np.concatenate([c, neg])
-  loss, dq, dcands, dscale = one(q, cands, b)
+  cols = None if keys is None else (keys if neg is None else np.concatenate([keys, neg_keys]))
+  loss, dq, dcands, dscale = one(q, cands, b, keys, cols)
   dc, dneg = dcands[:b], dcands[b:]
   if symmetric:
-    loss2, dc2, dq2, dscale2 = one(c, q, b)
+    loss2, dc2, dq2, dscale2 = one(c, q, b, keys, keys)
     loss, dq, dc, dneg, dscale = (0.5 * (loss + loss2), 0.5 * (dq + dq2), 0.5 * (dc + dc2),
                                   0.5 * dneg, 0.5 * (dscale + dscale2))
   return loss, dq, dc, (dneg if neg is not None else None), dscale
@@ -40,37 +46,79 @@ def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("impl", ["global", "shard_map", "chunked"])
-@pytest.mark.parametrize("symmetric,hard_neg", [(False, False), (True, False), (False, True),
-                                                (True, True)])
-def test_infonce_matches_numpy(mesh, impl, symmetric, hard_neg):
-  rng = np.random.default_rng(0)
-  b, d, scale = 16, 8, 7.0
+FNS = {
+  "global": lambda *a, mesh, **k: losses.infonce_global(*a, **k),
+  "shard_map": lambda *a, mesh, **k: losses.infonce_shard_map(*a, mesh=mesh, **k),
+  "chunked": lambda *a, mesh, **k: losses.infonce_chunked(*a, mesh=mesh, chunk=5, **k),
+}
+
+
+def _duplicated_batch(b, d, seed=0):
+  """Embeddings where candidates 2, 5, 9 are one candidate (as are 3 and 12), drawn for
+  different queries, and hard negative 7 is candidate 0 again: keys name each candidate."""
+  rng = np.random.default_rng(seed)
   q, c, n = (unit(rng.standard_normal((b, d))) for _ in range(3))
   c[:4] = unit(q[:4] + 0.3 * c[:4])  # Some easy positives so top-1 is not trivial.
+  keys = np.arange(100, 100 + b)
+  for group in ((2, 5, 9), (3, 12)):
+    c[list(group)] = c[group[0]]
+    keys[list(group)] = keys[group[0]]
+  neg_keys = np.arange(500, 500 + b)
+  n[7], neg_keys[7] = c[0], keys[0]
+  return q, c, n, keys.astype(np.int32), neg_keys.astype(np.int32)
+
+
+@pytest.mark.parametrize("impl", ["global", "shard_map", "chunked"])
+@pytest.mark.parametrize("symmetric,hard_neg,keyed", [
+  (False, False, False), (True, False, False), (False, True, False), (True, True, False),
+  (False, False, True), (True, True, True)])
+def test_infonce_matches_numpy(mesh, impl, symmetric, hard_neg, keyed):
+  b, d, scale = 16, 8, 7.0
+  q, c, n, keys, neg_keys = _duplicated_batch(b, d)
   neg = n if hard_neg else None
-  want = np_infonce(q, c, scale, neg, symmetric)
+  key_kw = dict(cand_keys=keys, neg_keys=neg_keys if hard_neg else None) if keyed else {}
+  want = np_infonce(q, c, scale, neg, symmetric,
+                    *((keys, neg_keys if hard_neg else None) if keyed else ()))
 
-  fns = {
-    "global": lambda *a, **k: losses.infonce_global(*a, **k),
-    "shard_map": lambda *a, **k: losses.infonce_shard_map(*a, mesh=mesh, **k),
-    "chunked": lambda *a, **k: losses.infonce_chunked(*a, mesh=mesh, chunk=5, **k),
-  }
-
-  def loss(q, c, n, s):
-    return fns[impl](q, c, s, neg_bd=n if hard_neg else None, symmetric=symmetric)[0]
+  def loss(q, c, n, s, *k):
+    kw = dict(cand_keys=k[0], neg_keys=k[1] if hard_neg else None) if keyed else {}
+    return FNS[impl](q, c, s, mesh=mesh, neg_bd=n if hard_neg else None, symmetric=symmetric,
+                     **kw)[0]
 
   sh = NamedSharding(mesh, P(("data", "fsdp"), None))
   args = [jax.device_put(jnp.asarray(x, jnp.float32), sh) for x in (q, c, n)]
+  key_args = [jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(("data", "fsdp"))))
+              for x in (keys, neg_keys)] if key_kw else []
   with jax.set_mesh(mesh):
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(
-      *args, jnp.float32(scale))
+      *args, jnp.float32(scale), *key_args)
   np.testing.assert_allclose(value, want[0], rtol=1e-5)
   np.testing.assert_allclose(grads[0], want[1], atol=1e-5)
   np.testing.assert_allclose(grads[1], want[2], atol=1e-5)
   if hard_neg:
     np.testing.assert_allclose(grads[2], want[3], atol=1e-5)
   np.testing.assert_allclose(grads[3], want[4], rtol=1e-4, atol=1e-6)
+
+
+def test_masking_duplicates_changes_the_loss():
+  """The duplicated batch is a real test of the mask: without keys the loss differs."""
+  q, c, n, keys, neg_keys = _duplicated_batch(16, 8)
+  masked = np_infonce(q, c, 7.0, n, True, keys, neg_keys)[0]
+  assert abs(masked - np_infonce(q, c, 7.0, n, True)[0]) > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["global", "shard_map", "chunked"])
+def test_masked_stats_leave_duplicates_out(mesh, impl):
+  q, c, _, keys, _ = _duplicated_batch(16, 8, seed=3)
+  c[5] = unit(c[5] + 1e-3)  # A near-copy of positive 2 (same key) may not win query 5's top-1.
+  sims = q @ c.T
+  dup = (keys[None] == keys[:, None]) & ~np.eye(16, dtype=bool)
+  with jax.set_mesh(mesh):
+    stats = FNS[impl](jnp.asarray(q), jnp.asarray(c), 10.0, mesh=mesh, cand_keys=keys)[1]
+  masked = np.where(dup, -np.inf, sims)
+  np.testing.assert_allclose(stats.top1, np.mean(masked.argmax(1) == np.arange(16)))
+  negs = ~dup & ~np.eye(16, dtype=bool)
+  np.testing.assert_allclose(stats.neg_logit, sims[negs].mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_infonce_stats_agree(mesh):

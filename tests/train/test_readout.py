@@ -21,16 +21,31 @@ def test_readout_modes():
   np.testing.assert_array_equal(readout_index(ids, "end_of_reasoning", EMB, EOR), [2, 3, 3])
 
 
-def test_target_slots_shift_and_overflow():
+def test_target_slots_shift_and_keep_the_tail():
   ids = np.array([[1, 2, 3, 4, EMB], [1, 2, EMB, 0, 0]])
   target = np.array([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
   pos, tgt, w, dropped = target_slots(ids, target, 2)
-  # Token t is predicted at position t - 1; row 0 has 3 targets, 2 slots: one dropped, counted.
-  np.testing.assert_array_equal(pos[0], [1, 2])
-  np.testing.assert_array_equal(tgt[0], [3, 4])
+  # Token t is predicted at position t - 1; row 0 has 3 targets, 2 slots: the first is dropped
+  # (counted) and the answer's last token and <|emb|> keep their slots.
+  np.testing.assert_array_equal(pos[0], [2, 3])
+  np.testing.assert_array_equal(tgt[0], [4, EMB])
   np.testing.assert_array_equal(w, [[1, 1], [1, 0]])
   np.testing.assert_array_equal(tgt[1][:1], [EMB])
   assert int(dropped) == 1
+
+
+def test_target_slots_of_an_over_long_reasoning_keep_emb():
+  """A 40-token target in 16 slots: the 16 supervised tokens are the last ones, <|emb|> last."""
+  prompt, target_len, t = 7, 40, 50
+  ids = np.zeros((1, t), np.int32)
+  ids[0, :prompt + target_len] = np.arange(100, 100 + prompt + target_len)
+  ids[0, prompt + target_len - 1] = EMB
+  mask = np.zeros_like(ids)
+  mask[0, prompt:prompt + target_len] = 1
+  pos, tgt, w, dropped = target_slots(ids, mask, 16)
+  assert int(dropped) == 24 and w.all()
+  np.testing.assert_array_equal(tgt[0], ids[0, prompt + 24:prompt + target_len])
+  np.testing.assert_array_equal(pos[0] + 1, np.arange(prompt + 24, prompt + target_len))
 
 
 def test_split_micro_interleaves_rows():

@@ -21,7 +21,7 @@ OPTIM = ConfigDict(dict(lr=1e-2, warmup_steps=0, final_lr_fraction=0.1, weight_d
                         b1=0.9, b2=0.99, eps=1e-3, grad_clip=1.0))
 
 
-def build(mesh, *, lora_rank=4, steps=2, **step_kw):
+def build(mesh, *, lora_rank=4, steps=2, keys=True, **step_kw):
   # Two steps: the last metrics and the parameters depend on real updates.
   """A LoRA tiny model born sharded on `mesh`, its state and jitted step, and a batch."""
   cfg = tiny.config()
@@ -43,9 +43,8 @@ def build(mesh, *, lora_rank=4, steps=2, **step_kw):
     graphdef, st = state_lib.init_state(model, tx, lora_rank=lora_rank, mesh=mesh,
                                         temperature=0.1,
                                         learn_temperature=step_cfg.learn_temperature)
-    batch = batches.make(cfg, hard_negatives=step_kw.get("symmetric", False))
-    step = make_train_step(graphdef, step_cfg, tx, schedule, mesh, state_lib.shardings_of(st),
-                           batch)
+    batch = batches.make(cfg, hard_negatives=step_kw.get("symmetric", False), keys=keys)
+    step = make_train_step(graphdef, step_cfg, tx, schedule, mesh, state_lib.shardings_of(st))
     metrics = None
     for _ in range(steps):
       st, metrics = step(st, batch)
@@ -96,6 +95,15 @@ def test_frozen_unchanged_and_loss_falls(mesh):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   changed = [not np.array_equal(a, b) for a, b in zip(params_of(st0), params_of(st6))]
   assert all(changed)  # Every trainable leaf (LoRA A and B, merger) moved.
+
+
+def test_step_masks_in_batch_duplicates():
+  """Rows 1 and 6 share a candidate: with its ids in the batch, neither is the other's negative,
+  so the loss differs from the unmasked one (the losses' own tests check the values)."""
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  _, unmasked = build(one, steps=1, keys=False)
+  _, masked = build(one, steps=1)
+  assert abs(masked["loss/contrastive"] - unmasked["loss/contrastive"]) > 1e-3
 
 
 @pytest.mark.parametrize("impl", ["global", "shard_map"])

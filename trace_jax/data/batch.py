@@ -18,6 +18,8 @@ FIELD_AXES = {
   "ids": ("act_batch", "act_len"), "mask": ("act_batch", "act_len"),
   "target_mask": ("act_batch", "act_len"), "positions": (None, "act_batch", "act_len"),
   "pixels": ("act_batch", None, None), "is_reasoning": ("act_batch",),
+  # The candidate's id (`mbeir.did_key`): in-batch duplicates of a positive are no negatives.
+  "key": ("act_batch",),
 }
 
 

@@ -32,6 +32,10 @@ RULES = (STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD)
 # Length rule (TRACE §M-BEIR-CoT), inclusive bounds in tokens of the given tokenizer.
 MIN_REASONING_TOKENS, MAX_REASONING_TOKENS = 16, 256
 MIN_ANSWER_TOKENS, MAX_ANSWER_TOKENS = 2, 64
+# The longest target the length rule admits, in tokens: reasoning and answer, plus room for the
+# space that joins them (re-tokenised joins can differ by a token or two), an end-of-reasoning
+# marker and `<|emb|>`. `loss.max_target_tokens` and `eval.max_new_tokens` default to it.
+MAX_TARGET_TOKENS = MAX_REASONING_TOKENS + MAX_ANSWER_TOKENS + 16
 
 # Repetition rule: over the lowercased words of "reasoning answer", the fraction of word 4-grams
 # that repeat an earlier 4-gram (1 - distinct / total) must not exceed 0.5; and no sentence of the

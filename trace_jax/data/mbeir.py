@@ -55,6 +55,7 @@ MODALITIES = ("text", "image", "image,text")
 
 
 _ID_RE = re.compile(r"(\d+):(\d+)")
+_DID_SPAN = 10_000_000  # UniIR's `hash_did` multiplier.
 _INSTRUCTIONS_FILE = os.path.join("instructions", "query_instructions.tsv")
 
 
@@ -221,13 +222,12 @@ def _modality(record: dict[str, Any], key: str, item_id: str, where: str) -> str
   return modality
 
 
-def _check_content(modality: str, text: str | None, image_path: str | None, item_id: str,
-                   where: str) -> None:
-  """An item with an image modality needs an image path; a text-only item needs text."""
+def _check_image_path(modality: str, image_path: str | None, item_id: str, where: str) -> None:
+  """An item whose modality names an image needs an image path (structure). Text is content:
+  a null or empty text is accepted whatever the modality, as UniIR and LamRA accept it (they
+  embed `format_string(txt or "")`)."""
   if "image" in modality.split(",") and not image_path:
     raise MBEIRFormatError(f"{where}: {item_id} has modality {modality!r} but no image path")
-  if modality == "text" and not text:
-    raise MBEIRFormatError(f"{where}: {item_id} has modality 'text' but no text")
 
 
 def parse_query(record: dict[str, Any], where: str) -> Query:
@@ -252,7 +252,7 @@ def parse_query(record: dict[str, Any], where: str) -> Query:
   pos = _id_list(record, "pos_cand_list", where)
   if not pos:
     raise MBEIRFormatError(f"{where}: qid {qid} has an empty 'pos_cand_list'")
-  _check_content(modality, text, image_path, qid, where)
+  _check_image_path(modality, image_path, qid, where)
   return Query(
       qid=qid,
       text=text,
@@ -277,7 +277,7 @@ def parse_candidate(record: dict[str, Any], where: str) -> Candidate:
   text = _field(record, "txt", (str, type(None)), where)
   image_path = _field(record, "img_path", (str, type(None)), where)
   modality = _modality(record, "modality", f"did {did}", where)
-  _check_content(modality, text, image_path, did, where)
+  _check_image_path(modality, image_path, did, where)
   return Candidate(
       did=did,
       text=text,
@@ -347,6 +347,20 @@ def load_qrels(path: str) -> dict[str, set[str]]:
       if int(relevance) > 0:
         qrels.setdefault(qid, set()).add(did)
   return qrels
+
+
+def did_key(did: str) -> int:
+  """A candidate id as one integer, UniIR's `hash_did` (`dataset_id * 10_000_000 + n`): equal for
+  equal dids, distinct for distinct ones (every real M-BEIR `n` is below 10 million), and within
+  int32 for the known dataset ids, so a batch can carry it.
+
+  Raises:
+    ValueError: `did` is not `"ds:n"` or its `n` is 10 million or more (it would collide).
+  """
+  match = _ID_RE.fullmatch(did)
+  if match is None or int(match.group(2)) >= _DID_SPAN:
+    raise ValueError(f"candidate id {did!r} is not 'dataset_id:n' with n < {_DID_SPAN}")
+  return int(match.group(1)) * _DID_SPAN + int(match.group(2))
 
 
 # -------------------------------------------------------------------------------- paths

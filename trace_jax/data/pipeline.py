@@ -6,6 +6,18 @@ repeat -> task mixture (`data.task_weights`; or whole batches of one task with
 `data.one_task_per_batch`) -> shard by JAX process -> `ToArrays` (decode, tokenize, positions) ->
 drop-and-count skipped bad examples -> batch and pad into a length bucket -> global arrays.
 
+Bookkeeping rides in each host batch next to the arrays: how many bad examples were skipped
+before its rows (`SKIPPED`) and why (`SKIP_REASONS`: "<file>:<line> (query <qid>): <error>"),
+and which of its texts were cut to fit (`TRUNCATED`). A process that skips more than
+`max_skip_fraction` of any `skip_window` examples it draws stops with an error naming the last
+reasons (so a source of only bad examples cannot loop forever).
+
+A side without images carries no pixels, and the step then runs no vision tower for it (rather
+than over blank images): with `one_task_per_batch`, a batch whose task has no image on that side
+(text queries of tasks 0-2, text candidates of tasks 1, 3, 6); in mixed batches, a side on which
+no task of the mixture has images. Either rule is the same in every process (tasks are drawn in
+lockstep across data shards), so all processes run the same program without agreeing first.
+
 Buckets: a batch is padded to the smallest of `data.query_buckets` (and `data.cand_buckets`) that
 holds its longest sequence, so the train step compiles at most len(query) x len(cand) programs;
 images are always resized to the one `data.image_grid`. The iterator's state (`get_state` /
@@ -23,12 +35,19 @@ import jax
 import numpy as np
 from absl import flags
 
+from trace_jax.data import mbeir
 from trace_jax.data.batch import batch_shardings
 from trace_jax.data.examples import TrainExample
-from trace_jax.data.transforms import BAD, ToArrays
+from trace_jax.data.transforms import BAD, TRUNCATED, ToArrays
 from trace_jax.model.positions import vision_layout
 
 SKIPPED = "data/skipped_examples"
+SKIP_REASONS = "data/skip_reasons"
+BOOKKEEPING = (SKIPPED, SKIP_REASONS, TRUNCATED)  # Host-batch keys that are not model inputs.
+
+
+class TooManyBadExamplesError(RuntimeError):
+  """More than the allowed fraction of a window of examples was bad."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +64,33 @@ class Buckets:
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-  """Drops `BAD` markers, adding how many were dropped to the next good element."""
+  """Drops `BAD` markers, handing their reasons to the next good element; stops when more than
+  `max_fraction` of a window of `window` drawn examples is bad (the window starts afresh after a
+  restore: the iterator state is the parent's)."""
+
+  def __init__(self, parent, max_fraction: float, window: int):
+    super().__init__(parent)
+    self.max_fraction, self.max_bad = max_fraction, int(max_fraction * window)
+    self.window, self.drawn, self.bad, self.recent = window, 0, 0, []
 
   def __next__(self):
-    skipped = 0
+    reasons = []
     while True:
       element = next(self._parent)
+      self.drawn += 1
+      if BAD in element:
+        reasons.append(element[BAD])
+        self.bad += 1
+        self.recent = (self.recent + [element[BAD]])[-5:]
+        if self.bad > self.max_bad:
+          raise TooManyBadExamplesError(
+            f"{self.bad} bad examples among the last {self.drawn} drawn by this process, more "
+            f"than data.max_skip_fraction={self.max_fraction:g} of a window of "
+            f"{self.window}; the last ones: " + "; ".join(self.recent))
+      if self.drawn >= self.window:
+        self.drawn = self.bad = 0
       if BAD not in element:
-        return dict(element, **{SKIPPED: np.int32(skipped)})
-      skipped += 1
+        return dict(element, **{SKIP_REASONS: reasons})
 
   def get_state(self):
     return self._parent.get_state()
@@ -63,13 +100,30 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 class _SkipBad(grain.IterDataset):
+  def __init__(self, parent, max_fraction: float, window: int):
+    super().__init__(parent)
+    self.max_fraction, self.window = max_fraction, window
+
   def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__())
+    return _SkipBadIterator(self._parent.__iter__(), self.max_fraction, self.window)
 
 
-def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets) -> dict[str, np.ndarray]:
-  """Stacks examples, padding token fields to the batch's bucket (pad id 0, mask 0)."""
-  out: dict[str, np.ndarray] = {}
+def image_sides(tasks: Sequence[int]) -> frozenset[str]:
+  """The sides on which some task of `tasks` has images (M-BEIR task ids; unknown ids: both)."""
+  out = set()
+  for task in tasks:
+    query, cand = mbeir.TASK_MODALITIES.get(task, ("image", "image"))
+    out.update(side for side, modality in (("query", query), ("cand", cand))
+               if "image" in modality.split(","))
+  return frozenset(out)
+
+
+def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
+              with_pixels: frozenset[str] | None = None) -> dict[str, Any]:
+  """Stacks examples, padding token fields to the batch's bucket (pad id 0, mask 0), and the
+  bookkeeping keys. Pixels for the sides in `with_pixels` (zeros for a row without an image);
+  None: for the sides where some row has an image (a batch of one task)."""
+  out: dict[str, Any] = {}
   for side, sizes in (("query", buckets.query), ("cand", buckets.cand)):
     lengths = [len(e[f"{side}_ids"]) for e in examples]
     t = Buckets.pick(max(lengths), sizes)
@@ -84,13 +138,17 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets) -> dict[str,
       positions[:, i, :n] = e[f"{side}_positions"]
       if has_target:
         target[i, :n] = e[f"{side}_target_mask"]
-    out.update({f"{side}_ids": ids, f"{side}_mask": mask, f"{side}_positions": positions,
-                f"{side}_pixels": np.stack([e[f"{side}_pixels"] for e in examples])})
+    out.update({f"{side}_ids": ids, f"{side}_mask": mask, f"{side}_positions": positions})
+    if side in with_pixels if with_pixels is not None else any(
+        e[f"{side}_has_image"] for e in examples):
+      out[f"{side}_pixels"] = np.stack([e[f"{side}_pixels"] for e in examples])
     if has_target:
       out[f"{side}_target_mask"] = target
-  for key in ("query_is_reasoning", "task_id"):
+  for key in ("query_is_reasoning", "task_id", "cand_key"):
     out[key] = np.asarray([e[key] for e in examples], np.int32)
-  out[SKIPPED] = np.int32(sum(int(e[SKIPPED]) for e in examples))
+  reasons = [r for e in examples for r in e.get(SKIP_REASONS, ())]
+  out.update({SKIPPED: np.int32(len(reasons)), SKIP_REASONS: reasons,
+              TRUNCATED: [e[TRUNCATED] for e in examples if e.get(TRUNCATED)]})
   return out
 
 
@@ -139,21 +197,24 @@ def _task_source(records: Sequence[dict], seed: int, shard: int, num_shards: int
 
 
 def _shard_stream(by_task, tasks, weights, to_arrays, per_shard: int, seed: int, shard: int,
-                  num_shards: int, one_task_per_batch: bool) -> grain.IterDataset:
-  """Lists of `per_shard` good examples of one data shard."""
+                  num_shards: int, one_task_per_batch: bool,
+                  skip: tuple[float, int]) -> grain.IterDataset:
+  """Lists of `per_shard` good examples of one data shard; `skip`: (max fraction, window)."""
   sources = [_task_source(by_task[t], seed + t, shard, num_shards) for t in tasks]
   as_list = dict(batch_size=per_shard, drop_remainder=True, batch_fn=list)
   if one_task_per_batch:
-    streams = [_SkipBad(s.map(to_arrays).to_iter_dataset()).batch(**as_list) for s in sources]
+    streams = [_SkipBad(s.map(to_arrays).to_iter_dataset(), *skip).batch(**as_list)
+               for s in sources]
     return grain.IterDataset.mix(streams, weights)
   mixed = grain.MapDataset.mix(sources, weights).map(to_arrays)
-  return _SkipBad(mixed.to_iter_dataset()).batch(**as_list)
+  return _SkipBad(mixed.to_iter_dataset(), *skip).batch(**as_list)
 
 
 def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buckets: Buckets, *,
                  batch_size: int, seed: int, task_weights: dict[int, float] | None = None,
                  one_task_per_batch: bool = False, shards: Sequence[int] = (0,),
-                 num_shards: int = 1, workers: int = 0) -> grain.IterDataset:
+                 num_shards: int = 1, workers: int = 0, max_skip_fraction: float = 0.1,
+                 skip_window: int = 1000) -> grain.IterDataset:
   """An endless dataset of this process's padded host batches (`batch_size` rows each).
 
   The data is split into `num_shards` fixed shards; this process reads `shards` (contiguous, in
@@ -166,6 +227,8 @@ def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buc
     task_weights: sampling weight per task id (default: proportional to the task's size).
     one_task_per_batch: draw whole batches from one task at a time, by `task_weights`.
     workers: Grain worker processes (0: decode in this process).
+    max_skip_fraction, skip_window: bad examples skipped (`ToArrays(on_bad_example="skip")`)
+      may be at most this fraction of any window of this many examples a data shard draws.
   """
   tasks = sorted(by_task)
   unknown = set(task_weights or {}) - set(tasks)
@@ -179,9 +242,14 @@ def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buc
   weights = [weight[t] for t in tasks]
   if batch_size % len(shards):
     raise ValueError(f"a host batch of {batch_size} does not split over {len(shards)} shards")
+  if not 0.0 <= max_skip_fraction < 1.0 or skip_window < 1:
+    raise ValueError(f"data.max_skip_fraction={max_skip_fraction} must be in [0, 1) and "
+                     f"data.skip_window={skip_window} positive")
   streams = [_shard_stream(by_task, tasks, weights, to_arrays, batch_size // len(shards), seed, s,
-                           num_shards, one_task_per_batch) for s in shards]
-  ds = _Concat(streams, lambda xs: pad_batch(xs, buckets))
+                           num_shards, one_task_per_batch, (max_skip_fraction, skip_window))
+             for s in shards]
+  with_pixels = None if one_task_per_batch else image_sides(tasks)
+  ds = _Concat(streams, lambda xs: pad_batch(xs, buckets, with_pixels))
   if workers:
     if not flags.FLAGS.is_parsed():  # grain 0.2.18 workers read absl flags (upstream bug).
       flags.FLAGS.mark_as_parsed()
@@ -197,10 +265,11 @@ def _bucket_layout(vision_cfg, windowed: bool, image_grid: tuple[int, ...]):
 
 def to_global(host_batch: dict[str, np.ndarray], mesh, model_cfg, image_grid) -> dict:
   """This process's rows -> global `jax.Array`s sharded like the train step expects, plus the
-  (replicated) vision layout of the bucket's image grid for both sides."""
+  (replicated) vision layout of the bucket's image grid for each side that has pixels."""
   layout = _bucket_layout(model_cfg.vision, model_cfg.family == "qwen2_5_vl", tuple(image_grid))
-  batch = {k: v for k, v in host_batch.items() if k not in (SKIPPED, "task_id")}
-  batch.update(query_layout=layout, cand_layout=layout)
+  batch = {k: v for k, v in host_batch.items() if k not in BOOKKEEPING + ("task_id",)}
+  batch.update({f"{side}_layout": layout for side in ("query", "cand", "neg")
+                if f"{side}_pixels" in batch})
   shardings = batch_shardings(batch, mesh)
 
   def one(x, sharding):

@@ -38,24 +38,54 @@ class Encoded:
   ids: tuple[int, ...]
   target_mask: tuple[int, ...]
   prompt_len: int  # Tokens before the answer: what inference prefills.
+  text_cut: int = 0  # Tokens cut from the end of the text to fit (0: the text is whole).
 
 
-def _user_turn(tok: Tokenizer, text: str, image_tokens: int, compact: bool) -> list[int]:
-  ids = []
+class PromptTooLongError(ValueError):
+  """The sequence exceeds its length limit even with none of its text left."""
+
+
+def _turn(tok: Tokenizer, image_tokens: int, compact: bool) -> tuple[list[int], list[int]]:
+  """The chat template around the user's text: (ids before it, ids after it)."""
+  head = []
   if not compact:
-    ids += [tok.token_to_id("<|im_start|>")] + tok.encode(f"system\n{SYSTEM}")
-    ids += [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
-  ids += [tok.token_to_id("<|im_start|>")] + tok.encode("user\n")
+    head += [tok.token_to_id("<|im_start|>")] + tok.encode(f"system\n{SYSTEM}")
+    head += [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
+  head += [tok.token_to_id("<|im_start|>")] + tok.encode("user\n")
   if image_tokens:
     pad = tok.token_to_id("<|image_pad|>")
-    ids += ([tok.token_to_id("<|vision_start|>")] + [pad] * image_tokens
-            + [tok.token_to_id("<|vision_end|>")])
-  ids += tok.encode(text) + [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
-  return ids + [tok.token_to_id("<|im_start|>")] + tok.encode("assistant\n")
+    head += ([tok.token_to_id("<|vision_start|>")] + [pad] * image_tokens
+             + [tok.token_to_id("<|vision_end|>")])
+  tail = [tok.token_to_id("<|im_end|>")] + tok.encode("\n")
+  return head, tail + [tok.token_to_id("<|im_start|>")] + tok.encode("assistant\n")
+
+
+def _text_and_rule(tok: Tokenizer, text: str, rule: str, fixed: int, max_text_tokens: int,
+                   max_len: int) -> tuple[list[int], int]:
+  """Ids of the user's text followed by the rule, the text's tail cut so that the text keeps at
+  most `max_text_tokens` tokens (0: no limit) and the whole sequence, with its `fixed` other
+  tokens, at most `max_len` (0: no limit); and how many text tokens were cut. The instruction
+  (the text's start), the image and the rule stay whole."""
+  whole = tok.encode(f"{text}\n{rule}" if text else rule)
+  room = max_len - fixed if max_len else len(whole)
+  if len(whole) <= room and (not max_text_tokens or len(whole) <= max_text_tokens):
+    return whole, 0  # Whole text and rule together are within both limits: nothing to cut.
+  text_ids = tok.encode(text) if text else []
+  rule_ids = tok.encode(f"\n{rule}") if text else whole
+  keep = min(len(text_ids), room - len(rule_ids))
+  if max_text_tokens:
+    keep = min(keep, max_text_tokens)
+  if keep < 0:
+    raise PromptTooLongError(f"{fixed + len(rule_ids)} tokens without any of its text, more than "
+                             f"the limit of {max_len}")
+  if keep == len(text_ids) and len(whole) <= room:
+    return whole, 0
+  return text_ids[:keep] + rule_ids, len(text_ids) - keep
 
 
 def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
-                 reasoning: str | None = None, compact: bool = False) -> Encoded:
+                 reasoning: str | None = None, compact: bool = False, *,
+                 max_text_tokens: int = 0, max_len: int = 0) -> Encoded:
   """The query prompt, then the target: `reasoning <|emb|>` or `<|emb|>` alone.
 
   Args:
@@ -63,21 +93,29 @@ def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
     image_tokens: number of `<|image_pad|>` tokens (merged patches) of the query image, or 0.
     reasoning: the teacher's text with its tags stripped, or None for a direct example.
     compact: no system turn and the one-line rule (`data.compact_prompts`).
+    max_text_tokens: cut `query_text` to at most this many tokens (0: no limit), keeping its
+      start (the instruction); the reference policy is LamRA's 480 for training queries.
+    max_len: cut it further so that the whole sequence (prompt and target) has at most this
+      many tokens (0: no limit).
+  Raises:
+    PromptTooLongError: the sequence is longer than `max_len` even without the text.
   """
   rule = COMPACT_QUERY_RULE if compact else QUERY_RULE
-  prompt = _user_turn(tok, f"{query_text}\n{rule}" if query_text else rule, image_tokens, compact)
   target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
-  return Encoded(tuple(prompt + target), (0,) * len(prompt) + (1,) * len(target), len(prompt))
+  return _encode(tok, query_text, rule, image_tokens, compact, target, True, max_text_tokens,
+                 max_len)
 
 
 def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
                      compact: bool = False, *, may_reason: bool = False,
-                     reasoning: str | None = None) -> Encoded:
+                     reasoning: str | None = None, max_text_tokens: int = 0,
+                     max_len: int = 0) -> Encoded:
   """The candidate prompt followed by `<|emb|>`: candidates never reason (TRACE.md, "Model").
 
   `may_reason` is the candidate-side reasoning ablation: the prompt allows a description first,
   the target is `reasoning <|emb|>` (or `<|emb|>` alone) and is supervised like a query's. Without
-  it, nothing of a candidate is a target.
+  it, nothing of a candidate is a target. `max_text_tokens`, `max_len`: as `encode_query` (the
+  reference policy cuts candidate text at 1024 tokens).
   """
   if reasoning and not may_reason:
     raise ValueError("a candidate target needs may_reason=True")
@@ -85,10 +123,19 @@ def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
     rule = COMPACT_CANDIDATE_REASON_RULE if compact else CANDIDATE_REASON_RULE
   else:
     rule = COMPACT_CANDIDATE_RULE if compact else CANDIDATE_RULE
-  prompt = _user_turn(tok, f"{text}\n{rule}" if text else rule, image_tokens, compact)
   target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
-  return Encoded(tuple(prompt + target), (0,) * len(prompt) + (int(may_reason),) * len(target),
-                 len(prompt))
+  return _encode(tok, text or "", rule, image_tokens, compact, target, may_reason,
+                 max_text_tokens, max_len)
+
+
+def _encode(tok: Tokenizer, text: str, rule: str, image_tokens: int, compact: bool,
+            target: list[int], supervised: bool, max_text_tokens: int, max_len: int) -> Encoded:
+  head, tail = _turn(tok, image_tokens, compact)
+  body, cut = _text_and_rule(tok, text, rule, len(head) + len(tail) + len(target),
+                             max_text_tokens, max_len)
+  prompt = head + body + tail
+  return Encoded(tuple(prompt + target), (0,) * len(prompt) + (int(supervised),) * len(target),
+                 len(prompt), cut)
 
 
 def required_tokens() -> tuple[str, ...]:

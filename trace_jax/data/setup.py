@@ -130,7 +130,9 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
   shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
   to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
                        compact_prompts=data.compact_prompts,
-                       cand_may_reason=data.cand_target != "none")
+                       cand_may_reason=data.cand_target != "none",
+                       query_text_tokens=data.query_text_tokens,
+                       cand_text_tokens=data.cand_text_tokens)
   weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
   if data.shards_dir:  # ArrayRecord shards with the images inline (tools/convert_examples).
     check_shards_targets(data)
@@ -142,4 +144,5 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
                       batch_size=data.global_batch // n, seed=data.seed,
                       task_weights=weights or None, one_task_per_batch=data.one_task_per_batch,
                       shards=range(p * per_process, (p + 1) * per_process),
-                      num_shards=num_shards, workers=data.workers)
+                      num_shards=num_shards, workers=data.workers,
+                      max_skip_fraction=data.max_skip_fraction, skip_window=data.skip_window)

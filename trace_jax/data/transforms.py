@@ -1,10 +1,13 @@
 """Per-example Grain transform: a `TrainExample` -> token ids, masks, M-RoPE positions, pixels.
 
 Images are resized to the bucket's fixed patch grid (every image of a bucket shares one grid, so
-batches have static shapes). A bad example (missing or unreadable image, text longer than the
-longest bucket, empty candidate) raises `BadExampleError` naming the example id, or with
-`on_bad_example="skip"` becomes a marker that the pipeline drops and counts. Padding and batching
-are in `pipeline.py`.
+batches have static shapes). Long texts are cut where tokens are made (`prompts.py`): the query
+text to `query_text_tokens` and the candidate text to `cand_text_tokens` (LamRA's 480 and 1024),
+and both further so that the sequence fits the longest bucket; the instruction, the image tokens,
+the rule and the target stay whole, and each cut is reported with the example's id. A bad example
+(missing or unreadable image, a sequence too long even without its text, empty candidate) raises
+`BadExampleError` naming the example id, or with `on_bad_example="skip"` becomes a marker that
+the pipeline drops and counts. Padding and batching are in `pipeline.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import grain
 import numpy as np
 
 from trace_jax.data import image as image_lib
+from trace_jax.data import mbeir
 from trace_jax.data import prompts
 from trace_jax.data.examples import TrainExample
 from trace_jax.data.tokenizer import Tokenizer
@@ -24,6 +28,7 @@ from trace_jax.model.config import ModelConfig
 from trace_jax.model.positions import rope_index
 
 BAD = "bad_example"  # Key of the marker a skipped example turns into.
+TRUNCATED = "data/truncated_texts"  # Key of the note on a cut text ("" when none was cut).
 
 
 class BadExampleError(ValueError):
@@ -48,13 +53,15 @@ class ToArrays(grain.transforms.Map):
 
   def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, shapes: Shapes, root: str,
                on_bad_example: str = "error", compact_prompts: bool = False,
-               cand_may_reason: bool = False):
+               cand_may_reason: bool = False, query_text_tokens: int = 0,
+               cand_text_tokens: int = 0):
     if on_bad_example not in ("error", "skip"):
       raise ValueError(f"data.on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
     self.tok, self.cfg, self.shapes, self.root = tokenizer, model_cfg, shapes, root
     self.on_bad_example = on_bad_example
     self.compact = compact_prompts
     self.cand_may_reason = cand_may_reason  # Candidate-side reasoning: candidates get targets.
+    self.text_tokens = {"query": query_text_tokens, "cand": cand_text_tokens}  # 0: no limit.
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
@@ -82,32 +89,43 @@ class ToArrays(grain.transforms.Map):
     pixels, _ = image_lib.resize_to_grid(source, s.image_grid[1:])
     return pixels, s.patches // self.cfg.vision.spatial_merge_size**2
 
-  def _side(self, enc: prompts.Encoded, n_img: int, limit: int, what: str) -> dict[str, Any]:
-    if len(enc.ids) > limit:
-      field = "query_len" if what == "query" else "cand_len"
-      raise ValueError(f"{what} has {len(enc.ids)} tokens, more than the maximum {limit} "
-                       f"(data.{field})")
+  def _side(self, enc: prompts.Encoded, n_img: int) -> dict[str, Any]:
     ids = np.asarray(enc.ids, np.int32)
     grid = np.asarray([self.shapes.image_grid]) if n_img else None
     positions = rope_index(ids[None], None, grid, self.cfg)[:, 0]
     return {"ids": ids, "target_mask": np.asarray(enc.target_mask, np.int32),
-            "positions": positions}
+            "positions": positions, "has_image": bool(n_img)}
+
+  def _encode(self, ex: TrainExample, side: str, n_img: int) -> prompts.Encoded:
+    """The side's token ids, its text cut to `data.{side}_text_tokens` and to the bucket."""
+    limits = dict(max_text_tokens=self.text_tokens[side],
+                  max_len=getattr(self.shapes, f"max_{side}_len"))
+    try:
+      if side == "query":
+        return prompts.encode_query(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
+                                    **limits)
+      return prompts.encode_candidate(self.tok, ex.cand_text, n_img, self.compact,
+                                      may_reason=self.cand_may_reason,
+                                      reasoning=ex.cand_reasoning, **limits)
+    except prompts.PromptTooLongError as e:
+      field = "query_len" if side == "query" else "cand_len"
+      raise ValueError(f"{side}: {e} (data.{field})") from None
 
   def _arrays(self, ex: TrainExample, inline: dict[str, bytes | None]) -> dict[str, Any]:
     if not (ex.cand_text or "").strip() and ex.cand_image is None:
       raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
-    q_pixels, q_img = self._pixels(ex.query_image, inline["query"])
-    c_pixels, c_img = self._pixels(ex.cand_image, inline["cand"])
-    query = self._side(
-      prompts.encode_query(self.tok, ex.query_text, q_img, ex.reasoning, self.compact), q_img,
-      self.shapes.max_query_len, "query")
-    cand = self._side(
-      prompts.encode_candidate(self.tok, ex.cand_text, c_img, self.compact,
-                               may_reason=self.cand_may_reason, reasoning=ex.cand_reasoning),
-      c_img, self.shapes.max_cand_len, "candidate")
-    out = {f"query_{k}": v for k, v in query.items()}
-    out.update({f"cand_{k}": v for k, v in cand.items()
-                if k != "target_mask" or self.cand_may_reason})
-    out.update(query_pixels=q_pixels, cand_pixels=c_pixels,
-               query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id))
+    out, cuts = {}, []
+    for side, image in (("query", ex.query_image), ("cand", ex.cand_image)):
+      pixels, n_img = self._pixels(image, inline[side])
+      enc = self._encode(ex, side, n_img)
+      arrays = dict(self._side(enc, n_img), pixels=pixels)
+      if side == "cand" and not self.cand_may_reason:
+        del arrays["target_mask"]
+      out.update({f"{side}_{k}": v for k, v in arrays.items()})
+      if enc.text_cut:
+        cuts.append(f"{side} text cut by {enc.text_cut} tokens")
+    out.update(query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id),
+               cand_key=np.int32(mbeir.did_key(ex.cand_id)),
+               **{TRUNCATED: f"{ex.example_id} (query {ex.qid}): {', '.join(cuts)}" if cuts
+                  else ""})
     return out

@@ -99,8 +99,7 @@ def compile_step(config, topology: str):
     graphdef, state, tx, schedule = setup.abstract_state(config, mesh)
     batch = setup.abstract_batch(config, mesh)
     step = step_lib.make_train_step(graphdef, step_lib.StepConfig.from_config(config), tx,
-                                    schedule, mesh, jax.tree.map(lambda x: x.sharding, state),
-                                    batch)
+                                    schedule, mesh, jax.tree.map(lambda x: x.sharding, state))
     with jax.set_mesh(mesh):
       compiled = step.lower(state, batch).compile()
   return compiled, mesh, chip, factory.model_config(config)

@@ -2,8 +2,11 @@
 
 `run(config, workdir)` resumes from `WORKDIR/checkpoints` when a checkpoint is there, otherwise
 starts from scratch; it saves every `ckpt.every_steps` and at the end. SIGTERM (preemption) saves at
-the next step boundary, on which all processes agree, and returns. A NaN or Inf loss stops the run
-before anything is saved, so the last checkpoint stays good. Evaluation is not here.
+the next step boundary, on which all processes agree, and returns; agreeing costs no host sync per
+step (JAX's preemption sync manager). A NaN or Inf loss stops the run before anything is saved,
+so the last checkpoint stays good. Bad examples the pipeline skipped are logged with their reasons
+as they arrive and counted over all processes at each log step, as are texts it cut to fit.
+Evaluation is not here.
 """
 
 from __future__ import annotations
@@ -66,8 +69,7 @@ def run(config, workdir: str) -> dict:
     s = build(config)
     step_cfg = setup.step_config(config, s.tok)
     train_step = make_train_step(s.graphdef, step_cfg, s.tx, s.schedule, s.mesh,
-                                 state_lib.shardings_of(s.state),
-                                 setup.abstract_batch(config, s.mesh))
+                                 state_lib.shardings_of(s.state))
     data_iter = iter(data_setup.train_dataset(config, s.tok, s.model_cfg))
     mngr = checkpoint.manager(workdir, config.ckpt.keep)
     state, start = checkpoint.restore_latest(mngr, s.state, data_iter)
@@ -78,8 +80,10 @@ def run(config, workdir: str) -> dict:
     step = int(start or 0)
     preempted = _Preemption()
     profiler = _Profiler(workdir, tuple(config.log.profile_steps))
+    data_log = _DataLog()
     while step < config.total_steps:
       host = next(data_iter)
+      data_log.add(host)
       tokens += int(host["query_mask"].sum() + host["cand_mask"].sum()) * jax.process_count()
       batch = pipeline.to_global(host, s.mesh, s.model_cfg, tuple(config.data.image_grid))
       profiler.before(step)
@@ -87,14 +91,13 @@ def run(config, workdir: str) -> dict:
         state, metrics = train_step(state, batch)
       step += 1
       profiler.after(step, metrics)
-      stop = preempted.agreed()
+      stop = preempted.reached(step)
       final = stop or step == config.total_steps
       log = step % config.log.every_steps == 0 or final
       if log or final or step % config.ckpt.every_steps == 0:
         _check_finite(metrics, step)  # Before any save: the last checkpoint stays good.
       if log:
-        metrics = dict(metrics, **{pipeline.SKIPPED: np.int32(host[pipeline.SKIPPED])})
-        row, tokens = writer.write(step, metrics, tokens), 0
+        row, tokens = writer.write(step, dict(metrics, **data_log.window()), tokens), 0
       checkpoint.save(mngr, step, state, data_iter, every_steps=config.ckpt.every_steps,
                       final=final)
       if stop:
@@ -135,21 +138,59 @@ class _Profiler:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag read at step boundaries; every process stops at the same step."""
+  """SIGTERM, turned into a stop at a step boundary on which every process agrees.
+
+  One process: a flag set by a signal handler. Several: JAX's preemption sync manager (started
+  by `jax.distributed.initialize`) catches SIGTERM on whichever process gets it, and the
+  processes agree in the background on the first step all can stop at, so no step waits on a
+  host sync. It needs every process to call `reached` at every step, from the same start.
+  """
 
   def __init__(self):
+    self.multi = jax.process_count() > 1
     self.flag = False
-    self.previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self.multi:  # Several processes: JAX's handler must keep the signal.
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.flag = True
 
-  def agreed(self) -> bool:
-    if jax.process_count() == 1:
-      return self.flag
-    flags = multihost_utils.process_allgather(np.asarray(self.flag))
-    return bool(np.any(flags))
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self.previous)
+    if not self.multi:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+class _DataLog:
+  """What the pipeline skipped and cut: each skipped example logged with its reason when its
+  batch arrives; counts over every process at each log step (one small gather there, none in
+  between), per log window and in total since this process started."""
+
+  def __init__(self):
+    self.window_counts = np.zeros(2, np.int64)  # (skipped, truncated) by this process.
+    self.totals = np.zeros(2, np.int64)  # Over all processes.
+    self.examples: list[str] = []  # A few cut texts of this window, named in the log.
+
+  def add(self, host: dict) -> None:
+    for reason in host[pipeline.SKIP_REASONS]:
+      _log.warning("skipped bad example %s", reason)
+    cut = host[pipeline.TRUNCATED]
+    self.window_counts += (int(host[pipeline.SKIPPED]), len(cut))
+    self.examples = (self.examples + cut)[:3]
+
+  def window(self) -> dict[str, int]:
+    counts = self.window_counts
+    if jax.process_count() > 1:
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    self.totals += counts
+    if counts[1]:
+      _log.info("%d texts cut to fit since the last log (all processes), e.g. %s", counts[1],
+                "; ".join(self.examples))
+    self.window_counts, self.examples = np.zeros(2, np.int64), []
+    return {pipeline.SKIPPED: int(counts[0]), "data/skipped_total": int(self.totals[0]),
+            pipeline.TRUNCATED: int(counts[1]), "data/truncated_total": int(self.totals[1])}

@@ -113,7 +113,8 @@ def abstract_batch(config, mesh) -> dict:
   b, grid = config.data.global_batch, tuple(config.data.image_grid)
   patches = int(np.prod(grid))
   layout = vision_layout(np.array([grid]), cfg.vision, windowed=cfg.family == "qwen2_5_vl")
-  batch = {"query_is_reasoning": jax.ShapeDtypeStruct((b,), jnp.int32)}
+  batch = {"query_is_reasoning": jax.ShapeDtypeStruct((b,), jnp.int32),
+           "cand_key": jax.ShapeDtypeStruct((b,), jnp.int32)}
   for side, t in (("query", config.data.query_len), ("cand", config.data.cand_len)):
     batch.update({
       f"{side}_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),

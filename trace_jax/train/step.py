@@ -15,6 +15,7 @@ mean over the global batch of the query->candidate InfoNCE term.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,22 +62,30 @@ class StepConfig:
 
 
 def target_slots(ids_bt, target_mask_bt, m: int):
-  """The first `m` target tokens of each row: (predicting positions, target ids, weights) [B, m],
-  and how many targets did not fit."""
+  """The last `m` target tokens of each row: (predicting positions, target ids, weights) [B, m],
+  and how many targets did not fit.
+
+  The tail is kept: a target longer than `m` loses the start of its reasoning, never its answer
+  and `<|emb|>`, the tokens that teach the model what to embed and when to stop. (The forward
+  pass still reads the whole sequence; only the loss skips the head.)
+  """
   is_target = target_mask_bt[:, 1:] > 0  # Token t+1 is a target, predicted at position t.
-  order = jnp.argsort(~is_target, axis=1, stable=True)[:, :m]
-  weights = jnp.take_along_axis(is_target, order, axis=1)
+  from_end = jnp.cumsum(is_target[:, ::-1], axis=1)[:, ::-1]  # Targets at or after t.
+  keep = is_target & (from_end <= m)
+  order = jnp.argsort(~keep, axis=1, stable=True)[:, :m]
+  weights = jnp.take_along_axis(keep, order, axis=1)
   targets = jnp.take_along_axis(ids_bt[:, 1:], order, axis=1)
   dropped = jnp.sum(is_target) - jnp.sum(weights)
   return order, targets, weights, dropped
 
 
 def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation, schedule,
-                    mesh, state_shardings: TrainState, batch_example: dict):
-  """The jitted `train_step(state, batch) -> (state, metrics)`."""
+                    mesh, state_shardings: TrainState) -> "StepFunction":
+  """The jitted `train_step(state, batch) -> (state, metrics)` (one program per batch layout)."""
 
-  def contrastive(q, c, n, scale):
-    kw = dict(neg_bd=n, symmetric=cfg.symmetric)
+  def contrastive(q, c, n, scale, keys):
+    kw = dict(neg_bd=n, symmetric=cfg.symmetric, cand_keys=keys.get("cand_key"),
+              neg_keys=keys.get("neg_key"))
     if cfg.contrastive_impl == "global":
       return losses.infonce_global(q, c, scale, **kw)
     if cfg.contrastive_impl == "shard_map":
@@ -109,14 +118,14 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
           out[key] = out[key] + value if key in out else value
     return out
 
-  def ret_loss(q, c, n, params):
-    return contrastive(q, c, n, scale_of(params))
+  def ret_loss(q, c, n, params, keys):
+    return contrastive(q, c, n, scale_of(params), keys)
 
   def one_shot(params, frozen, batch, rng):
     def total(params):
       out = forward(params, frozen, batch, rng)
       lm = out["lm_sum"] / jnp.maximum(out["lm_count"], 1.0)
-      ret, stats = ret_loss(out["query"], out["cand"], out.get("neg"), params)
+      ret, stats = ret_loss(out["query"], out["cand"], out.get("neg"), params, _keys(batch))
       return cfg.lambda_gen * lm + cfg.lambda_ret * ret, (lm, ret, stats, out)
     (loss, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss, aux, grads
@@ -133,8 +142,9 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
     n = merge(outs["neg"]) if "neg" in outs else None
     lm_count = jnp.maximum(jnp.sum(outs["lm_count"]), 1.0)
     lm = jnp.sum(outs["lm_sum"]) / lm_count
+    cand_ids = {name: v.reshape(-1) for name, v in _keys(micro).items()}  # Embeddings order.
     (ret, stats), (dq, dc, dn, dparams) = jax.value_and_grad(
-      ret_loss, argnums=(0, 1, 2, 3), has_aux=True)(q, c, n, params)
+      ret_loss, argnums=(0, 1, 2, 3), has_aux=True)(q, c, n, params, cand_ids)
     split = lambda g: None if g is None else g.reshape(k, -1, g.shape[-1])  # noqa: E731
     cot = {"query": split(dq), "cand": split(dc), "neg": split(dn)}
 
@@ -174,9 +184,38 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
     }
     return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
 
-  rep = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings(batch_example, mesh)),
-                 out_shardings=(state_shardings, rep), donate_argnums=0)
+  return StepFunction(train_step, mesh, state_shardings)
+
+
+class StepFunction:
+  """`train_step` jitted once per batch layout (which sides carry pixels, hard negatives, ...),
+  each with the batch's shardings pinned and the state donated. A batch without a side's pixels
+  runs no vision tower for it: a text-only side costs no blank-image forward."""
+
+  def __init__(self, fn, mesh, state_shardings):
+    self.fn, self.mesh, self.state_shardings = fn, mesh, state_shardings
+    self._jitted: dict[tuple[str, ...], Any] = {}
+
+  def _for(self, batch: dict):
+    key = tuple(sorted(batch))
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(
+        self.fn, in_shardings=(self.state_shardings, batch_shardings(batch, self.mesh)),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    return self._jitted[key]
+
+  def __call__(self, state: TrainState, batch: dict):
+    return self._for(batch)(state, batch)
+
+  def lower(self, state, batch: dict):
+    """The step lowered for these (abstract) arguments: ahead-of-time compilation."""
+    return self._for(batch).lower(state, batch)
+
+
+def _keys(batch: dict) -> dict:
+  """The candidates' ids (`cand_key`, `neg_key`) when the batch has them (in-batch duplicates
+  are then masked out of the negatives)."""
+  return {k: batch[k] for k in ("cand_key", "neg_key") if k in batch}
 
 
 def split_micro(batch: dict, k: int) -> dict:
