@@ -190,6 +190,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.tasks = ()
   # "local": each task's own pool (the reported M-BEIR setting); "global": the union test pool.
   c.eval.pool = "local"
+  # Query instructions: "first" (each row's first prompt, deterministic) or "random" (UniIR's
+  # draw at evaluation, seeded per task by instruction_seed); results name the mode.
+  c.eval.instruction_mode = "first"
+  c.eval.instruction_seed = 0
+  # Candidate embeddings on disk under WORKDIR/eval/pools: float32 or bfloat16 (half the disk;
+  # the union pool is ~80 GB in float32 at width 3584).
+  c.eval.embedding_dtype = "float32"
+  # Each process places a whole model on its own devices: (data, fsdp, tensor) sizes, -1 fills.
+  # (-1, 1, 1) replicates it on every device; (1, -1, 1) shards it over the host's devices.
+  c.eval.mesh = (-1, 1, 1)
+  # Query text cut to this many tokens at evaluation (0: only to fit eval.prompt_buckets);
+  # candidates follow data.cand_text_tokens.
+  c.eval.query_text_tokens = 0
   c.eval.batch_size = 32
   c.eval.prompt_buckets = (64, 128, 256, 512)
   # Longest reasoning the encoder writes before it must emit <|emb|>; a row that reaches it is

@@ -16,25 +16,17 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from trace_jax import devices
+from trace_jax import devices, processes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs go.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address",
-                                   os.environ.get("TRACE_COORDINATOR", "127.0.0.1:12355"),
-                                   "host:port of process 0 (runs of several processes).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-  "num_processes", int(os.environ.get("TRACE_NUM_PROCESSES", "1")),
-  "Processes in the run: 1, N (with --process_id), or -1 to let JAX detect them (TPU pods).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("TRACE_PROCESS_ID", "0")),
-                                   "This process's index.")
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
-  devices.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  processes.join()
   from trace_jax.train import loop  # Imported after XLA_FLAGS: it initialises JAX.
   # trace_jax's own messages at INFO; libraries (Orbax, Grain, XLA) only from WARNING up.
   logging.getLogger().setLevel(logging.WARNING)
@@ -47,16 +39,14 @@ def main(argv):
 
 
 def _evaluate(config, workdir: str) -> None:
-  """Evaluation, summary and plots after training (one process; pods run `trace_jax.eval`)."""
+  """Evaluation (every process takes its share), then the summary and plots on process 0."""
   import jax  # Initialised by now.
 
   from trace_jax.eval import mbeir_eval, metrics, plots
   from trace_jax.tools import plot
-  if jax.process_count() > 1:
-    print(f"eval.after_train: not run in a {jax.process_count()}-process run; evaluate with "
-          f"`python -m trace_jax.eval --config=... --workdir={workdir}` on one host", flush=True)
-    return
   report = mbeir_eval.evaluate(config, workdir)
+  if jax.process_index():
+    return
   print(f"\nevaluation of step {report['step']} ({report['encoder_mode']} encoder, "
         f"{report['pool']} pools) -> {os.path.join(workdir, 'eval', 'results.json')}")
   print(metrics.console_table(report), end="")

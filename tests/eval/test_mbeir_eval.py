@@ -1,46 +1,168 @@
-"""`python -m trace_jax.eval` end to end on a briefly trained demo model, and its QPS timing."""
+"""`python -m trace_jax.eval` end to end on a briefly trained demo model: what it writes, the
+union pool encoded once, a root holding only some tasks, seeded random instructions, two
+processes giving one process's recalls; and its QPS timing."""
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
+import ml_dtypes
 import numpy as np
+import pytest
 
 from configs import demo
 from trace_jax.eval import mbeir_eval
 from trace_jax.train import loop
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TASKS = ("synthetic_task0", "synthetic_task7")
 
-def test_evaluate_writes_scores_embeddings_and_lists(tmp_path):
-  config = demo.get_config("steps=2")
-  config.data.root = str(tmp_path / "world")
+
+def small_config(tmp, steps=2):
+  config = demo.get_config(f"steps={steps}")
+  config.data.root = str(tmp / "world")
   config.data.world_train, config.data.world_test = 48, 8
   config.data.global_batch = 16
-  config.eval.tasks = ("synthetic_task0", "synthetic_task7")
+  config.eval.tasks = TASKS
   config.eval.max_new_tokens = 3
   config.eval.qps_queries = 4
   config.eval.batch_size = 8
-  workdir = str(tmp_path / "run")
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("eval")
+  config = small_config(tmp)
+  workdir = str(tmp / "run")
   loop.run(config, workdir)
+  return config, workdir
+
+
+def test_evaluate_writes_scores_embeddings_and_lists(trained):
+  config, workdir = trained
   report = mbeir_eval.evaluate(config, workdir)
 
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     saved = json.load(f)
   assert saved["average"] == report["average"] and saved["step"] == 2
-  assert set(saved["tasks"]) == {"synthetic_task0", "synthetic_task7"}
+  assert set(saved["tasks"]) == set(TASKS) and saved["missing_tasks"] == []
+  assert saved["instruction_mode"] == "first" and saved["processes"] == 1
   for name, res in saved["tasks"].items():
     assert res["k"] == 5 and res["num_queries"] == 8 and 0 <= res["recall"] <= 1
     assert 0 <= res["reason_rate"] <= 1 and res["recall@1"] <= res["recall@5"] <= res["recall@10"]
+    assert 0 <= res["capped_rate"] <= res["reason_rate"] and res["truncated_queries"] == 0
     q = np.load(os.path.join(workdir, "eval", f"{name}_queries.npy"))
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
     with open(os.path.join(workdir, "eval", f"{name}_retrieved.jsonl")) as f:
       lines = [json.loads(x) for x in f]
     assert len(lines) == 8 and all(len(x["ranked"]) == 10 for x in lines)
   assert set(saved["qps"]) == {"adaptive", "direct", "always_reason"}
-  assert os.path.exists(os.path.join(workdir, "eval", "results.md"))
+  with open(os.path.join(workdir, "eval", "results.md")) as f:
+    assert "each query's first instruction" in f.read()
+  local_pools = os.listdir(os.path.join(workdir, "eval", "pools"))
+  assert len([n for n in local_pools if n.endswith(".npy")]) == 2  # One file per local pool.
 
+
+def test_union_pool_is_encoded_once_in_bfloat16(trained):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
   config.eval.pool, config.eval.qps_queries = "global", 0
+  config.eval.embedding_dtype = "bfloat16"
   union = mbeir_eval.evaluate(config, workdir)
-  assert union["pool"] == "global" and set(union["tasks"]) == set(saved["tasks"])
+  assert union["pool"] == "global" and set(union["tasks"]) == set(TASKS)
+  files = [n for n in os.listdir(os.path.join(workdir, "eval", "pools"))
+           if n.startswith("mbeir_union_test_cand_pool") and n.endswith(".npy")]
+  assert len(files) == 1 and ".bfloat16." in files[0]  # Both tasks scored against one file.
+  config.eval.embedding_dtype = "float32"
+  mbeir_eval.evaluate(config, workdir)
+  pools = os.path.join(workdir, "eval", "pools")
+  exact = np.load(os.path.join(pools, files[0].replace(".bfloat16.", ".float32.")))
+  halved = np.load(os.path.join(pools, files[0])).view(ml_dtypes.bfloat16)  # Raw uint16 bits.
+  np.testing.assert_array_equal(halved, exact.astype(ml_dtypes.bfloat16))
+
+
+def test_root_with_some_tasks_missing(trained, tmp_path):
+  """Files are checked before anything is encoded: named tasks that are missing are an error
+  listing every missing file; otherwise the tasks present are evaluated and the rest named."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  root = str(tmp_path / "partial")
+  shutil.copytree(config.data.root, root)
+  task7 = next(t for t in mbeir_eval.eval_tasks(config, root) if t.name == "synthetic_task7")
+  os.remove(os.path.join(root, task7.query_file))
+  os.remove(os.path.join(root, task7.qrels_file))
+  with pytest.raises(FileNotFoundError, match=r"lacks 2 file.*task7_test\.jsonl.*qrels"):
+    mbeir_eval.evaluate(config, workdir, root)
+  config.eval.tasks, config.eval.qps_queries = (), 0
+  report = mbeir_eval.evaluate(config, workdir, root)
+  assert report["missing_tasks"] == ["synthetic_task7"]
+  assert "synthetic_task7" not in report["tasks"] and "synthetic_task0" in report["tasks"]
+
+
+def test_random_instructions_are_seeded_per_task(trained):
+  config, _ = trained
+  root = config.data.root
+  task = mbeir_eval.eval_tasks(config, root)[0]
+  first = [it.text for it in mbeir_eval.query_items(task, root, "first")[1]]
+  drawn = [it.text for it in mbeir_eval.query_items(task, root, "random", seed=3)[1]]
+  assert drawn == [it.text for it in mbeir_eval.query_items(task, root, "random", seed=3)[1]]
+  assert drawn != first  # Two prompts per row: some queries draw the second.
+  assert drawn != [it.text for it in mbeir_eval.query_items(task, root, "random", seed=4)[1]]
+  with pytest.raises(ValueError, match="instruction_mode"):
+    mbeir_eval.query_items(task, root, "sometimes")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_one_processs_recalls(trained, tmp_path):
+  """`trace_jax.eval` with 2 processes x 4 devices equals 1 process x 8, on the union pool (each
+  process encodes half the queries and half the pool)."""
+  config, workdir = trained
+  base = [sys.executable, "-m", "trace_jax.eval", "--config=configs/demo.py:steps=2",
+          f"--config.data.root={config.data.root}", "--config.eval.max_new_tokens=3",
+          "--config.eval.qps_queries=0", "--config.eval.batch_size=8", "--pool=global",
+          f"--tasks={','.join(TASKS)}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  runs = {}
+  for name in ("one", "two"):
+    shutil.copytree(os.path.join(workdir, "checkpoints"), str(tmp_path / name / "checkpoints"))
+    runs[name] = str(tmp_path / name)
+  one = subprocess.run(base + [f"--workdir={runs['one']}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900,
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+    base + [f"--workdir={runs['two']}", f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE, text=True,
+    env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  reports = {}
+  for name, path in runs.items():
+    with open(os.path.join(path, "eval", "results.json")) as f:
+      reports[name] = json.load(f)
+  assert reports["two"]["processes"] == 2
+  for task in TASKS:
+    for key in ("recall@1", "recall@5", "recall@10", "reason_rate"):
+      assert reports["two"]["tasks"][task][key] == reports["one"]["tasks"][task][key], (task, key)
+    lists = []
+    for path in runs.values():
+      with open(os.path.join(path, "eval", f"{task}_retrieved.jsonl")) as f:
+        lists.append([(r["qid"], r["ranked"][:5], r["reasoning"]) for r in map(json.loads, f)])
+    assert lists[0] == lists[1]
+  two_pools = os.listdir(os.path.join(runs["two"], "eval", "pools"))
+  assert sorted(n.split(".")[-2] for n in two_pools if n.endswith(".npy")) == ["p0of2", "p1of2"]
 
 
 class _ClockEncoder:

@@ -27,13 +27,15 @@ class EmbAs:
     return getattr(self._tok, name)
 
 
-def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidate=None):
+def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidate=None,
+          max_text_tokens=0):
   """Full forward passes, no cache: the reference for the encoder. Returns (embedding, token ids
-  written before <|emb|>). `candidate`: None for a query, else the candidate prompt's
+  written before <|emb|>); `naive.capped` says whether the last call stopped at `max_new` with a
+  next token other than <|emb|>. `candidate`: None for a query, else the candidate prompt's
   `may_reason`."""
   n_img = 4 if item.image else 0
   if candidate is None:
-    enc = prompts.encode_query(tok, item.text, n_img, None, True)
+    enc = prompts.encode_query(tok, item.text, n_img, None, True, max_text_tokens=max_text_tokens)
   else:
     enc = prompts.encode_candidate(tok, item.text, n_img, True, may_reason=candidate)
   ids = list(enc.ids[:enc.prompt_len])
@@ -50,6 +52,7 @@ def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidat
     return np.asarray(out.hidden_states)[0], np.asarray(out.logits)[0, -1].copy()
 
   written = []
+  naive.capped = False
   for step in range(max_new + 1):
     h, logits = hidden(ids)
     h = h[-1]
@@ -59,6 +62,7 @@ def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidat
       logits[tok.emb_id] = -np.inf
     nxt = int(logits.argmax())
     if nxt == tok.emb_id or len(written) == max_new:
+      naive.capped = nxt != tok.emb_id
       break
     ids.append(nxt)
     written.append(nxt)
@@ -105,6 +109,8 @@ def test_batched_encoder_equals_naive_loop(setup, mode, chunk, on_mesh, order):
     np.testing.assert_allclose(got.embeddings[i], want_emb, atol=2e-5, err_msg=str(i))
     assert got.texts[i] == tok.decode(written)
     assert got.reasoned[i] == bool(written)
+    assert got.capped[i] == naive.capped, i
+  assert not got.truncated.any()
   if mode == "adaptive":  # A mix: some rows embed at once.
     assert not got.reasoned.all() and got.reasoned.any()
 
@@ -149,7 +155,7 @@ def test_candidates_equal_naive_loop(setup, readout, cand_reasoning):
   for i, it in enumerate(cands):
     mode = "adaptive" if cand_reasoning else "direct"
     want, written = naive(model, tok, it, 5, mode, readout, candidate=cand_reasoning)
-    np.testing.assert_allclose(got[i], want, atol=2e-5, err_msg=str(i))
+    np.testing.assert_allclose(got.embeddings[i], want, atol=2e-5, err_msg=str(i))
     reasoned += bool(written)
   assert (reasoned > 0) == cand_reasoning  # Candidates write text only when trained to.
 
@@ -181,3 +187,56 @@ def test_model_on_the_mesh_equals_naive_loop(setup, fsdp):
       want_emb, written = naive(model, tok, it, 5, "always_reason")
       np.testing.assert_allclose(got.embeddings[i], want_emb, atol=2e-5, err_msg=str(i))
       assert got.texts[i] == tok.decode(written)
+
+
+def test_capped_rows_are_marked(setup):
+  """With a cap of 2 tokens some reasoning rows stop before <|emb|>: exactly those are capped."""
+  model, tok, items = setup
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
+                max_new_tokens=2, compact_prompts=True, decode_chunk=1)
+  got = enc.encode_queries(items, "always_reason")
+  want = []
+  for it in items:
+    naive(model, tok, it, 2, "always_reason")
+    want.append(naive.capped)
+  assert got.capped.tolist() == want and any(want)
+
+
+def test_long_texts_are_cut_and_counted(setup):
+  model, tok, items = setup
+  long = Item("Find the target. " + "red circle left " * 80, items[1].image, "9:77")
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
+                max_new_tokens=3, compact_prompts=True, query_text_tokens=30)
+  got = enc.encode_queries([items[0], long], "adaptive")
+  assert got.truncated.tolist() == [0, len(tok.encode(long.text)) - 30]
+  want, _ = naive(model, tok, long, 3, "adaptive", max_text_tokens=30)
+  np.testing.assert_allclose(got.embeddings[1], want, atol=2e-5)
+  # Cut to fit the largest bucket when no limit is set.
+  fit = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(64,),
+                max_new_tokens=3, compact_prompts=True).encode_candidates([long])
+  assert fit.truncated[0] > 0
+
+
+def test_errors_name_the_item(setup, tmp_path):
+  model, tok, _ = setup
+
+  def encoder(bucket):
+    return Encoder(model, tok, image_grid=GRID, root=str(tmp_path), batch_size=8,
+                   prompt_buckets=(bucket,), compact_prompts=True)
+  with pytest.raises(FileNotFoundError, match=r"9:5: image not found: .*missing\.jpg"):
+    encoder(256).encode_queries([Item("Find it.", "missing.jpg", "9:5")])
+  with pytest.raises(ValueError, match=r"9:6: .* without any of its text.*eval\.prompt_buckets"):
+    encoder(16).encode_queries([Item("Find it.", None, "9:6")], "direct")
+
+
+def test_out_array_receives_the_embeddings(setup, tmp_path):
+  """Embeddings streamed into a caller's array (a memmap for pools larger than memory)."""
+  model, tok, items = setup
+  enc = Encoder(model, tok, image_grid=GRID, root=fx.ROOT, batch_size=4, prompt_buckets=(256,),
+                compact_prompts=True)
+  cands = [Item(e.cand_text, e.cand_image) for e in fx.examples(6)]
+  disk = np.lib.format.open_memmap(str(tmp_path / "c.npy"), "w+", np.float32, (6, 64))
+  got = enc.encode_candidates(cands, out=disk)
+  assert got.embeddings is disk
+  np.testing.assert_allclose(np.load(str(tmp_path / "c.npy")),
+                             enc.encode_candidates(cands).embeddings, atol=1e-6)

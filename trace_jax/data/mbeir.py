@@ -56,7 +56,7 @@ MODALITIES = ("text", "image", "image,text")
 
 _ID_RE = re.compile(r"(\d+):(\d+)")
 _DID_SPAN = 10_000_000  # UniIR's `hash_did` multiplier.
-_INSTRUCTIONS_FILE = os.path.join("instructions", "query_instructions.tsv")
+INSTRUCTIONS_FILE = os.path.join("instructions", "query_instructions.tsv")
 
 
 class MBEIRFormatError(ValueError):
@@ -408,7 +408,7 @@ def union_test_pool_file(root: str) -> str:
 
 def instructions_file(root: str) -> str:
   """`instructions/query_instructions.tsv` under the root."""
-  return _under(root, _INSTRUCTIONS_FILE)
+  return _under(root, INSTRUCTIONS_FILE)
 
 
 def resolve_image(root: str, image_path: str) -> str:

@@ -1,6 +1,8 @@
-"""`python -m trace_jax.eval --config=FILE[:ARGS] --workdir=DIR [--mbeir_root=DIR] [--tasks=..]`.
+"""`python -m trace_jax.eval --config=FILE[:ARGS] --workdir=DIR [--mbeir_root=DIR] [--tasks=..]
+[--pool=local|global] [--num_processes=N --process_id=I --coordinator_address=HOST:PORT]`.
 
-Evaluates the newest checkpoint in WORKDIR and writes WORKDIR/eval/ (see `mbeir_eval.py`).
+Evaluates the newest checkpoint in WORKDIR and writes WORKDIR/eval/ (see `mbeir_eval.py`). With
+several processes (the same flags as `trace_jax.main`; -1 on TPU pods) each encodes its share.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from trace_jax import devices
+from trace_jax import devices, processes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
@@ -24,13 +26,15 @@ def main(argv):
   del argv
   config = _CONFIG.value
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
+  processes.join()
   if _TASKS.value:
     config.eval.tasks = tuple(_TASKS.value)
   if _POOL.value:
     config.eval.pool = _POOL.value
   from trace_jax.eval import mbeir_eval  # After XLA_FLAGS: it initialises JAX.
   report = mbeir_eval.evaluate(config, _WORKDIR.value, _ROOT.value)
-  print(json.dumps({"average": report["average"], "qps": report["qps"]}))
+  print(json.dumps({"average": report["average"], "qps": report["qps"],
+                    "missing_tasks": report["missing_tasks"]}))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
   One row per task (modalities, dataset, headline metric, recall x100, reason rate %, queries),
   then the average row. Recalls and rates are printed x100 with one decimal, as in the paper.
+  When the report says how it was made (`evaluate`'s encoder mode, pools and instruction mode),
+  a line above the table says so: instructions drawn at random move recall by themselves.
 
   Args:
     report: the dict returned by `summary`.
@@ -230,8 +232,15 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   Returns:
     The table, lines joined by newlines, with a trailing newline.
   """
-  lines = ["| Task | Dataset | Metric | Recall | Reason rate | Queries |",
-           "|------|---------|--------|-------:|------------:|--------:|"]
+  lines = []
+  if "instruction_mode" in report:
+    seed = report.get("instruction_seed")
+    drawn = ("each query's first instruction" if report["instruction_mode"] == "first" else
+             f"instructions drawn at random (seed {seed})")
+    lines += [f"Step {report.get('step')}, {report.get('encoder_mode')} encoder, "
+              f"{report.get('pool')} pools, {drawn}.", ""]
+  lines += ["| Task | Dataset | Metric | Recall | Reason rate | Queries |",
+            "|------|---------|--------|-------:|------------:|--------:|"]
   for name, result in report["tasks"].items():
     lines.append(f"| {_task_label(name)} | {_dataset_label(name)} | R@{result['k']} "
                  f"| {_percent(result['recall'])} | {_percent(result.get('reason_rate'))} "

@@ -16,6 +16,13 @@ every device holds the whole model, small decode batches run on one device (see
 `Encoder.__init__`). `direct` forces `<|emb|>` first; `always_reason` forbids it as the first
 token.
 
+Prompts are cut where tokens are made (`data/prompts.py`): a text longer than the encoder's
+`query_text_tokens` / `cand_text_tokens`, or one that does not fit the largest prompt bucket, loses
+its tail (instruction, image tokens and rule stay whole); `Encoded.truncated` says by how many
+tokens. Items without an image are batched apart from those with one and run no vision tower. A
+reasoning row that writes `max_new_tokens` without reaching `<|emb|>` is read at its last token,
+a position never trained as a readout: `Encoded.capped` marks it. Errors name the item's `id`.
+
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
 after routing and decoding one more forward pass runs over each row's prompt + generated text +
@@ -30,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -55,13 +63,16 @@ class Item:
 
   text: str | None
   image: str | None  # Absolute path or path under the encoder's root.
+  id: str = ""  # The qid or did: errors and logs name it.
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-  embeddings: np.ndarray  # [N, D] L2-normalised float32.
+  embeddings: np.ndarray  # [N, D] L2-normalised (the `out` array when one was given).
   texts: list[str]  # The generated reasoning ("" when the row embedded at once).
   reasoned: np.ndarray  # [N] bool: the row wrote at least one token before <|emb|>.
+  capped: np.ndarray  # [N] bool: it wrote max_new_tokens without reaching <|emb|>.
+  truncated: np.ndarray  # [N] int: tokens cut from its text to fit (0: whole).
 
 
 # The jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
@@ -85,28 +96,30 @@ def _decode_chunk(graphdef, state, tokens, counts, cache, emb_id, max_new, steps
   tokens [B]: each row's latest token, not yet fed; counts [B]: tokens it has written. A row
   stops at `<|emb|>` or `max_new` tokens; the loop ends early once every row has stopped.
   Returns (the unit hidden state of each row's last fed token, the tokens written [B, steps]
-  (-1 after the row stopped), next tokens, still reasoning [B], cache).
+  (-1 after the row stopped), next tokens, still reasoning [B], capped [B]: stopped at `max_new`
+  with a next token other than `<|emb|>`, cache).
   """
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
 
   def body(c):
-    i, tokens, counts, active, h_out, written, cache = c
+    i, tokens, counts, active, capped, h_out, written, cache = c
     out = model.decode(tokens[:, None], cache)
     h = out.hidden_states[:, 0]
     nxt = jnp.argmax(model.logits(h), axis=-1).astype(tokens.dtype)
     h_out = jnp.where(active[:, None], normalize(h), h_out)  # The pre-token once <|emb|> is next.
     going = active & (nxt != emb_id) & (counts < max_new)
+    capped = capped | (active & ~going & (nxt != emb_id))
     written = written.at[:, i].set(jnp.where(going, nxt, -1))
-    return (i + 1, jnp.where(going, nxt, tokens), counts + going, going, h_out, written,
+    return (i + 1, jnp.where(going, nxt, tokens), counts + going, going, capped, h_out, written,
             out.cache)
 
-  init = (jnp.zeros((), jnp.int32), tokens, counts, jnp.ones((b,), bool),
+  init = (jnp.zeros((), jnp.int32), tokens, counts, jnp.ones((b,), bool), jnp.zeros((b,), bool),
           jnp.zeros((b, model.cfg.text.width), jnp.float32), jnp.full((b, steps), -1, jnp.int32),
           cache)
-  _, tokens, _, active, h_out, written, cache = jax.lax.while_loop(
+  _, tokens, _, active, capped, h_out, written, cache = jax.lax.while_loop(
     lambda c: (c[0] < steps) & jnp.any(c[3]), body, init)
-  return h_out, written, tokens, active, cache
+  return h_out, written, tokens, active, capped, cache
 
 
 def _bucket(n: int) -> int:
@@ -128,12 +141,14 @@ class Encoder:
                batch_size: int = 32, prompt_buckets: Sequence[int] = (64, 128, 256),
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
                mesh: jax.sharding.Mesh | None = None, readout: str = "pre_token",
-               eor_id: int = -1, cand_reasoning: bool = False):
+               eor_id: int = -1, cand_reasoning: bool = False, query_text_tokens: int = 0,
+               cand_text_tokens: int = 0):
     """The encoder keeps the model's weights as they are now (split once; build a new encoder
     after changing them). `mesh`: the model's mesh; each batch's rows are then split over its
     batch axes (the `act_batch` rule), so every device embeds its share instead of all repeating
     the batch. `readout`, `eor_id`: as the model was trained (`loss.readout`, the marker's id);
-    `cand_reasoning`: candidates were trained to write text first (`data.cand_target`)."""
+    `cand_reasoning`: candidates were trained to write text first (`data.cand_target`);
+    `query_text_tokens`, `cand_text_tokens`: cut longer texts (0: only to fit the buckets)."""
     if readout not in READOUTS:
       raise ValueError(f"readout={readout!r}; expected one of {READOUTS}")
     if readout == "end_of_reasoning" and eor_id < 0:
@@ -154,6 +169,7 @@ class Encoder:
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
+    self.text_tokens = {False: query_text_tokens, True: cand_text_tokens}
     if decode_chunk < 1:
       raise ValueError(f"decode_chunk={decode_chunk}; expected >= 1")
     self.decode_chunk = decode_chunk
@@ -193,23 +209,33 @@ class Encoder:
     put = functools.partial(sharding.put, mesh=self.mesh)
     return (put(ids, names=("act_batch", None)), put(mask, names=("act_batch", None)),
             put(positions, names=(None, "act_batch", None)),
-            put(pixels, names=("act_batch", None, None)))
+            None if pixels is None else put(pixels, names=("act_batch", None, None)))
 
-  def _pixels(self, path):
-    if path is None:
-      return np.zeros((self.patches, self.model.cfg.vision.patch_dim), np.float32)
-    full = path if not self.root else f"{self.root}/{path}"
-    return image_lib.resize_to_grid(full, self.grid[1:])[0]
+  def _pixels(self, it: Item) -> np.ndarray:
+    full = it.image if not self.root else os.path.join(self.root, it.image)
+    if not os.path.isfile(full):  # M-BEIR's rule: a missing image stops, naming the item.
+      raise FileNotFoundError(f"{it.id or 'item'}: image not found: {full}")
+    try:
+      return image_lib.resize_to_grid(full, self.grid[1:])[0]
+    except ValueError as e:
+      raise ValueError(f"{it.id or 'item'}: {e}") from e
 
-  def _prompt(self, it: Item, candidate: bool) -> list[int]:
+  def _prompt(self, it: Item, candidate: bool) -> prompts.Encoded:
+    """The item's prompt (its text cut to the encoder's limit and to fit the largest bucket; a
+    query's prefill excludes its target `<|emb|>`, hence the one token more)."""
     n_img = self.image_tokens if it.image else 0
-    enc = (prompts.encode_candidate(self.tok, it.text, n_img, self.compact,
-                                    may_reason=self.cand_reasoning) if candidate else
-           prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact))
-    return list(enc.ids[:enc.prompt_len])
+    limits = dict(max_text_tokens=self.text_tokens[candidate],
+                  max_len=self.buckets[-1] + (0 if candidate and self.readout == "emb" else 1))
+    try:
+      if candidate:
+        return prompts.encode_candidate(self.tok, it.text, n_img, self.compact,
+                                        may_reason=self.cand_reasoning, **limits)
+      return prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact, **limits)
+    except prompts.PromptTooLongError as e:
+      raise ValueError(f"{it.id or 'item'}: {e} (eval.prompt_buckets)") from None
 
   def _pack(self, seqs: Sequence[Sequence[int]], items: Sequence[Item], grow: bool = False):
-    """Right-padded ids, mask, positions and pixels of up to
+    """Right-padded ids, mask, positions and pixels (None when no item has an image) of up to
     `batch_size` sequences, padded to the smallest prompt bucket that fits; `grow`: sequences
     longer than every bucket (prompts with their generated text) take the next power of two."""
     longest = max(map(len, seqs))
@@ -224,19 +250,26 @@ class Encoder:
       grid = np.asarray([self.grid]) if it.image else None
       positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, grid, self.model.cfg)[:, 0]
     mask[len(items):, 0] = 1  # Filler rows: one visible token keeps their softmax defined.
-    pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
-    for i, it in enumerate(items):
-      pixels[i] = self._pixels(it.image)
+    pixels = None
+    if any(it.image for it in items):
+      pixels = np.zeros((b, self.patches, self.model.cfg.vision.patch_dim), np.float32)
+      for i, it in enumerate(items):
+        if it.image:
+          pixels[i] = self._pixels(it)
     return ids, mask, positions, pixels
+
+  def _run_prefill(self, batch, read, max_len: int = 0):
+    """(unit hidden states at `read`, next-token logits, cache) of a packed batch."""
+    with self._on_mesh():
+      return _prefill(*self._split, *self._put(*batch), self.layout if batch[3] is not None
+                      else None, jnp.asarray(read), max_len=max_len)
 
   def _read(self, batch, read: Sequence[int]) -> np.ndarray:
     """Unit hidden states [n, D] at positions `read` (one per item) of a packed batch: one
     forward pass."""
     n = len(read)
     read = np.pad(np.asarray(read, np.int32), (0, batch[0].shape[0] - n))
-    with self._on_mesh():
-      emb, _, _ = _prefill(*self._split, *self._put(*batch), self.layout, jnp.asarray(read),
-                           max_len=0)
+    emb, _, _ = self._run_prefill(batch, read)
     return np.asarray(emb)[:n]
 
   def _readout(self, seqs, items) -> np.ndarray:
@@ -245,42 +278,52 @@ class Encoder:
     read = readout_index(jnp.asarray(batch[0]), self.readout, self.tok.emb_id, self.eor_id)
     return self._read(batch, np.asarray(read)[:len(seqs)])
 
-  def encode_candidates(self, items: Sequence[Item]) -> np.ndarray:
-    """[N, D] embeddings: one forward pass per batch (with `cand_reasoning`, the adaptive
-    query path with the candidate prompt)."""
+  def encode_candidates(self, items: Sequence[Item], out: np.ndarray | None = None) -> Encoded:
+    """Embeddings [N, D] (written into `out` when given, e.g. a memmap): one forward pass per
+    batch (with `cand_reasoning`, the adaptive query path with the candidate prompt)."""
     if self.cand_reasoning:
-      return self._encode(items, "adaptive", candidate=True).embeddings
-    out = []
-    for start in range(0, len(items), self.batch_size):
-      chunk = items[start:start + self.batch_size]
-      seqs = [self._prompt(it, True) for it in chunk]
+      return self._encode(items, "adaptive", candidate=True, out=out)
+    n = len(items)
+    out = _output(out, n, self.model.cfg.text.width)
+    encs = [self._prompt(it, True) for it in items]
+    for rows in self._batches(items):
+      seqs = [list(encs[i].ids[:encs[i].prompt_len]) for i in rows]
       if self.readout == "emb":  # The other readouts read the last prompt token here.
         seqs = [s + [self.tok.emb_id] for s in seqs]
-      out.append(self._read(self._pack(seqs, chunk), [len(s) - 1 for s in seqs]))
-    return np.concatenate(out)
+      out[rows] = self._read(self._pack(seqs, [items[i] for i in rows]),
+                             [len(s) - 1 for s in seqs])
+    return Encoded(out, [""] * n, np.zeros(n, bool), np.zeros(n, bool),
+                   np.asarray([e.text_cut for e in encs], np.int64))
 
-  def encode_queries(self, items: Sequence[Item], mode: str = "adaptive") -> Encoded:
-    return self._encode(items, mode, candidate=False)
+  def encode_queries(self, items: Sequence[Item], mode: str = "adaptive",
+                     out: np.ndarray | None = None) -> Encoded:
+    return self._encode(items, mode, candidate=False, out=out)
 
-  def _encode(self, items: Sequence[Item], mode: str, candidate: bool) -> Encoded:
+  def _batches(self, items: Sequence[Item]) -> list[np.ndarray]:
+    """Item indices in batches of at most `batch_size`: items without an image first, then those
+    with one, so a batch runs the vision tower only when it has images."""
+    order = sorted(range(len(items)), key=lambda i: bool(items[i].image))
+    return [np.asarray(order[s:s + self.batch_size]) for s in range(0, len(order),
+                                                                    self.batch_size)]
+
+  def _encode(self, items: Sequence[Item], mode: str, candidate: bool,
+              out: np.ndarray | None = None) -> Encoded:
     if mode not in MODES:
       raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     n, emb_id = len(items), self.tok.emb_id
-    out = np.zeros((n, self.model.cfg.text.width), np.float32)
+    out = _output(out, n, self.model.cfg.text.width)
     generated: list[list[int]] = [[] for _ in range(n)]
-    seqs = [self._prompt(it, candidate) for it in items]
+    capped = np.zeros(n, bool)
+    encs = [self._prompt(it, candidate) for it in items]
+    seqs = [list(e.ids[:e.prompt_len]) for e in encs]
     pool = _Pool(self.batch_size, self.buckets[-1], self.max_new_tokens, self._decode_device)
-    for start in range(0, n, self.batch_size):
-      stop = min(start + self.batch_size, n)
-      ids, mask, positions, pixels = self._pack(seqs[start:stop], items[start:stop])
+    for rows in self._batches(items):
+      batch = self._pack([seqs[i] for i in rows], [items[i] for i in rows])
       # The prefill caches the prompt only (writing it costs a few percent of the pass); the
       # pool adds the reasoning's slots.
-      max_len = 0 if mode == "direct" else ids.shape[1]
-      last = jnp.asarray(mask.sum(axis=1) - 1)
-      with self._on_mesh():
-        emb, logits, cache = _prefill(*self._split, *self._put(ids, mask, positions, pixels),
-                                      self.layout, last, max_len=max_len)
-      out[start:stop], logits = np.asarray(emb)[:stop - start], np.array(logits)[:stop - start]
+      emb, logits, cache = self._run_prefill(
+        batch, batch[1].sum(axis=1) - 1, max_len=0 if mode == "direct" else batch[0].shape[1])
+      out[rows], logits = np.asarray(emb)[:len(rows)], np.array(logits)[:len(rows)]
       if mode == "direct":
         continue
       if mode == "always_reason":
@@ -288,25 +331,26 @@ class Encoder:
       tokens = logits.argmax(-1)
       reasoning = np.flatnonzero(tokens != emb_id)  # The rest are done.
       while len(reasoning):  # Into the pool; decode once it is full.
-        took = pool.put(cache, reasoning, start, tokens[reasoning])
+        took = pool.put(cache, reasoning, rows[reasoning], tokens[reasoning])
         reasoning = reasoning[took:]
         if pool.full:
-          self._decode(pool, out, generated)
+          self._decode(pool, out, generated, capped)
     if pool.rows:
-      self._decode(pool, out, generated)
+      self._decode(pool, out, generated, capped)
     if self.readout != "pre_token":  # Once every row has its text (images are read again).
-      for start in range(0, n, self.batch_size):
-        full = [s + g + [emb_id] for s, g in zip(seqs[start:start + self.batch_size],
-                                                 generated[start:start + self.batch_size])]
-        out[start:start + len(full)] = self._readout(full, items[start:start + len(full)])
+      for rows in self._batches(items):
+        full = [seqs[i] + generated[i] + [emb_id] for i in rows]
+        out[rows] = self._readout(full, [items[i] for i in rows])
     texts = [self.tok.decode(g) for g in generated]
-    return Encoded(out, texts, np.asarray([len(g) > 0 for g in generated], bool))
+    return Encoded(out, texts, np.asarray([len(g) > 0 for g in generated], bool), capped,
+                   np.asarray([e.text_cut for e in encs], np.int64))
 
-  def _decode(self, pool: "_Pool", out: np.ndarray, generated: list[list[int]]):
+  def _decode(self, pool: "_Pool", out: np.ndarray, generated: list[list[int]],
+              capped: np.ndarray):
     """Greedy decoding of the pool's rows until `<|emb|>` or `max_new_tokens`, `decode_chunk`
     steps per call, compacting the batch to the rows still reasoning between calls; writes each
-    row's embedding into `out` and its tokens into `generated` (both indexed by item), and
-    empties the pool."""
+    row's embedding into `out`, its tokens into `generated` and whether it hit the cap into
+    `capped` (all indexed by item), and empties the pool."""
     emb_id = self.tok.emb_id
     cache, rows, tokens = pool.take()
     for r, t in zip(rows, tokens):
@@ -323,16 +367,26 @@ class Encoder:
       cache = self._place_cache(cache, one)
       counts = [len(generated[rows[s]]) for s in keep]
       with contextlib.nullcontext() if one else self._on_mesh():
-        h, written, nxt, going, cache = _decode_chunk(
+        h, written, nxt, going, hit_cap, cache = _decode_chunk(
           *(self._decode_split if one else self._split), self._to_decode(tokens[keep], one),
           self._to_decode(counts, one), cache, emb_id, self.max_new_tokens,
           steps=self.decode_chunk)
       m = len(active)
       out[rows[active]] = np.asarray(h)[:m]  # Rows that wrote max_new_tokens keep their last state.
+      capped[rows[active]] |= np.asarray(hit_cap)[:m]
       for s, new in zip(active, np.asarray(written)[:m]):
         generated[rows[s]] += [int(t) for t in new if t >= 0]
       tokens[active] = np.asarray(nxt)[:m]
       active = active[np.asarray(going)[:m]]
+
+
+def _output(out: np.ndarray | None, n: int, width: int) -> np.ndarray:
+  """`out` checked to hold [n, width] rows, or a new float32 array."""
+  if out is None:
+    return np.zeros((n, width), np.float32)
+  if tuple(out.shape) != (n, width):
+    raise ValueError(f"out has shape {tuple(out.shape)}; expected {(n, width)}")
+  return out
 
 
 class _Pool:
@@ -359,9 +413,10 @@ class _Pool:
   def full(self) -> bool:
     return len(self.rows) == self.capacity
 
-  def put(self, cache: KVCache, batch_rows: np.ndarray, offset: int, tokens: np.ndarray) -> int:
-    """Copies as many of `batch_rows` (rows of a prefill batch's `cache`, items `offset` + row)
-    as fit; returns how many."""
+  def put(self, cache: KVCache, batch_rows: np.ndarray, items: np.ndarray,
+          tokens: np.ndarray) -> int:
+    """Copies as many of `batch_rows` (rows of a prefill batch's `cache`, holding `items`) as
+    fit; returns how many."""
     k = min(len(batch_rows), self.capacity - len(self.rows))
     if self.device is not None:
       cache = jax.device_put(cache, self.device)
@@ -372,7 +427,7 @@ class _Pool:
     else:
       dst = _padded(np.arange(len(self.rows), len(self.rows) + k), _bucket(k))
       self.cache = _scatter_rows(self.cache, cache, jnp.asarray(src), jnp.asarray(dst))
-    self.rows += [offset + int(r) for r in batch_rows[:k]]
+    self.rows += [int(i) for i in items[:k]]
     self.tokens += [int(t) for t in tokens[:k]]
     return k
 

@@ -46,9 +46,10 @@ class Setup:
   schedule: Any
 
 
-def build(config) -> Setup:
-  """Mesh, tokenizer (the demo world is generated first if asked), model born sharded, state."""
-  mesh = factory.make_mesh(config)
+def build(config, mesh=None) -> Setup:
+  """Mesh (the config's, unless given), tokenizer (the demo world is generated first if asked),
+  model born sharded, state."""
+  mesh = factory.make_mesh(config) if mesh is None else mesh
   if jax.process_index() == 0:  # One writer for the generated world and its tokenizer.
     data_setup.ensure_world(config.data)
     data_setup.make_tokenizer(config.data)
