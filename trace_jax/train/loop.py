@@ -114,11 +114,14 @@ def run(config, workdir: str) -> dict:
 
 
 def _check_finite(metrics, step: int) -> None:
-  loss = float(jax.device_get(metrics["loss/total"]))
-  if not np.isfinite(loss):
+  """A non-finite loss, or a non-finite gradient norm (whose update is garbage even when the
+  loss still reads finite, e.g. logits past float32's range), stops the run before a save."""
+  values = jax.device_get((metrics["loss/total"], metrics["optim/grad_norm"]))
+  loss, norm = (float(x) for x in values)
+  if not (np.isfinite(loss) and np.isfinite(norm)):
     raise FloatingPointError(
-      f"loss is {loss} at step {step}; stopping without saving (the last checkpoint is the last "
-      "good state). Lower optim.lr or check the data.")
+      f"loss is {loss} (gradient norm {norm}) at step {step}; stopping without saving (the last "
+      "checkpoint is the last good state). Lower optim.lr or check the data.")
 
 
 class _Profiler:
