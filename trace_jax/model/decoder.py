@@ -28,16 +28,20 @@ class KVCache:
   k_lbksh: jax.Array  # [layers, batch, KV heads, slots, head dim]: each head's slots contiguous.
   v_lbksh: jax.Array
   valid_bs: jax.Array  # True where a slot holds a real (non-padding) token.
-  index: jax.Array  # Scalar int32: the next slot to write.
+  # The next slot to write: a scalar int32 (every row writes at the same slot: prefill) or [B]
+  # (each row at its own: rows that joined a decode batch at different times, as a generation
+  # engine's slots do; a row's cache then never needs more than its prompt plus its output).
+  index: jax.Array
   next_position_b: jax.Array  # M-RoPE position of the next token (all three components equal).
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, per_row: bool = False
+            ) -> "KVCache":
     t = cfg.text
     shape = (t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim)
     return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
-               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
-               jnp.zeros((batch,), jnp.int32))
+               jnp.zeros((batch, max_len), bool),
+               jnp.zeros((batch,) if per_row else (), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 def mrope_cos_sin(positions_3bt: jax.Array, head_dim: int, theta: float,
@@ -87,11 +91,7 @@ class DecoderBlocks(nnx.Module):
       out = attention(q, k, v, mask_bts)
     else:
       k_all, v_all, layer, index = kv
-      at = (layer, 0, 0, index, 0)  # This step's [B, T, K, H] go in as [1, B, K, T, H].
-      k_all = jax.lax.dynamic_update_slice(k_all, jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype),
-                                           at)
-      v_all = jax.lax.dynamic_update_slice(v_all, jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype),
-                                           at)
+      k_all, v_all = _write(k_all, k, layer, index), _write(v_all, v, layer, index)
       out = attention(q, jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False),
                       jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), mask_bts,
                       kv_layout="bksh")
@@ -102,6 +102,19 @@ class DecoderBlocks(nnx.Module):
                            ("act_batch", "act_len", "act_mlp"))
     x_btd = x_btd + self.down(h, key=keys[6])
     return sharding.constrain(x_btd, ("act_batch", "act_len", "act_embed")), (k, v)
+
+
+def _write(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, index: jax.Array) -> jax.Array:
+  """The cache with this step's [B, T, K, H] keys (or values) written in place at slots
+  `index`... of layer `layer`: one slice for a scalar index, a scatter for one index per row."""
+  new = new_btkh.astype(cache_lbksh.dtype)
+  if index.ndim == 0:  # As [1, B, K, T, H] at (layer, 0, 0, index, 0).
+    return jax.lax.dynamic_update_slice(cache_lbksh, jnp.swapaxes(new, 1, 2)[None],
+                                        (layer, 0, 0, index, 0))
+  b, t = new.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  slots = index[:, None] + jnp.arange(t)[None]  # [B, T]: advanced indices select [B, T, K, H].
+  return cache_lbksh.at[layer, rows, :, slots, :].set(new, mode="drop")
 
 
 class Decoder(nnx.Module):
@@ -135,9 +148,13 @@ class Decoder(nnx.Module):
       return self._final_norm(x), None
 
     slots = cache.valid_bs.shape[1]
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
-    query_slot = cache.index + jnp.arange(n)
-    mask = (jnp.arange(slots)[None, :] <= query_slot[:, None])[None] & valid[:, None, :]
+    if cache.index.ndim == 0:
+      valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_bt, cache.index, axis=1)
+      query_slot = jnp.broadcast_to(cache.index + jnp.arange(n), (b, n))
+    else:
+      query_slot = cache.index[:, None] + jnp.arange(n)[None]  # [B, T]
+      valid = cache.valid_bs.at[jnp.arange(b)[:, None], query_slot].set(valid_bt, mode="drop")
+    mask = (jnp.arange(slots)[None, None, :] <= query_slot[:, :, None]) & valid[:, None, :]
 
     # The cache rides in the carry and each layer updates its slots in place (as scanned inputs
     # and outputs, the whole cache would be copied on every call, i.e. every decoding step).
