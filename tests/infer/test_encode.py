@@ -86,10 +86,10 @@ def setup(tmp_path_factory):
   return model, EmbAs(base, first[0]), items
 
 
-# decode_chunk 2: rows that stop mid-chunk ride along, and the batch is compacted between chunks.
+# decode_chunk 2: rows that stop mid-chunk ride along, and the batch shrinks between chunks.
 # On a mesh, each batch's rows are split over the 8 test devices. `order` (batch 2, buckets
 # (55, 64); the prompts have 51-58 tokens, and items 2, 3, 4 reason): reasoning rows of different
-# prefill batches decode together, a 55-slot cache entering a 64-slot pool or the reverse.
+# prefill batches decode together, a 55-slot cache entering the engine beside a 64-slot one.
 @pytest.mark.parametrize("mode,chunk,on_mesh,order", [
   ("adaptive", 16, False, None), ("adaptive", 2, False, None), ("direct", 16, False, None),
   ("always_reason", 16, False, None), ("always_reason", 2, False, None),
@@ -168,11 +168,11 @@ def test_end_of_reasoning_needs_the_marker_id(setup):
 
 @pytest.mark.parametrize("fsdp", [1, 4])
 def test_model_on_the_mesh_equals_naive_loop(setup, fsdp):
-  """The model's weights placed on an 8-device mesh: replicated (fsdp 1: the pool lives on one
-  device, and a decode batch of at most one row per device's prefill share decodes there) or
-  sharded over fsdp (pool and decoding stay on the mesh). Ten reasoning rows in batches of 8:
-  the pool fills, decodes split over the mesh, then takes the last two; one row alone decodes on
-  one device when the model is replicated."""
+  """The model's weights placed on an 8-device mesh: replicated (fsdp 1: a decode batch of at
+  most one row per device's prefill share decodes on one device) or sharded over fsdp (decoding
+  stays on the mesh). Ten reasoning rows in batches of 8: the engine's slots fill, a chunk
+  decodes split over the mesh, the last two take freed slots; one row alone decodes on one
+  device when the model is replicated."""
   model, tok, items = setup
   mesh = sharding.make_mesh(data=8 // fsdp, fsdp=fsdp)
   placed = nnx.clone(model)
@@ -180,7 +180,7 @@ def test_model_on_the_mesh_equals_naive_loop(setup, fsdp):
   nnx.update(placed, jax.device_put(state, sharding.state_shardings(state, mesh)))
   enc = Encoder(placed, tok, image_grid=GRID, root=fx.ROOT, batch_size=8, prompt_buckets=(256,),
                 max_new_tokens=5, compact_prompts=True, decode_chunk=2, mesh=mesh)
-  assert (enc._decode_device is not None) == (fsdp == 1)  # pylint: disable=protected-access
+  assert (enc.engine._device is not None) == (fsdp == 1)  # pylint: disable=protected-access
   for batch in (items + items[:4], items[1:2]):
     got = enc.encode_queries(batch, "always_reason")
     for i, it in enumerate(batch):

@@ -3,7 +3,8 @@ and their images' pixels, as the encoder and the generation engine prefill them.
 
 Every image of a batch has one patch grid (resized to it by the caller), so batches have static
 shapes and few programs compile; a batch in which no row has an image carries no pixels and
-runs no vision tower. This module runs no model.
+runs no vision tower. `on_devices` places a batch on a mesh, rows split over its batch axes.
+This module runs no model.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from trace_jax import sharding
 from trace_jax.model.config import ModelConfig
 from trace_jax.model.positions import VisionLayout, rope_index, vision_layout
 
@@ -73,3 +77,15 @@ def pack(seqs: Sequence[Sequence[int]], images: Sequence[np.ndarray | None], cfg
       if image is not None:
         pixels[i] = image
   return Packed(ids, mask, positions, pixels, len(seqs))
+
+
+def on_devices(packed: Packed, mesh: jax.sharding.Mesh | None) -> tuple:
+  """(ids, mask, positions, pixels) on the devices: rows split over the mesh's batch axes (the
+  `act_batch` rule), or JAX's default placement without a mesh."""
+  if mesh is None:
+    return (jnp.asarray(packed.ids), jnp.asarray(packed.mask), jnp.asarray(packed.positions),
+            None if packed.pixels is None else jnp.asarray(packed.pixels))
+  put = lambda x, names: sharding.put(x, mesh, names)  # noqa: E731
+  return (put(packed.ids, ("act_batch", None)), put(packed.mask, ("act_batch", None)),
+          put(packed.positions, (None, "act_batch", None)),
+          None if packed.pixels is None else put(packed.pixels, ("act_batch", None, None)))

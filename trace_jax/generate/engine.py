@@ -315,12 +315,9 @@ class Engine:
     packed = batching.pack([r.ids for r in batch], [r.pixels for r in batch], self.model.cfg,
                            grid, batching.bucket(len(batch)), buckets)
     last = packed.lengths - 1
-    put = functools.partial(_put_rows, mesh=self.mesh)
     with jax.set_mesh(self.mesh) if self.mesh is not None else _nothing():
       h, logits, cache = prefill(
-        *self._split, put(packed.ids, (None,)), put(packed.mask, (None,)),
-        put(packed.positions, (None, None), batch_axis=1),
-        None if packed.pixels is None else put(packed.pixels, (None, None)),
+        *self._split, *batching.on_devices(packed, self.mesh),
         None if packed.pixels is None else layout, jnp.asarray(last),
         max_len=packed.ids.shape[1])
     seeds = np.asarray([r.seed for r in batch] + [0] * (len(last) - len(batch)), np.int32)
@@ -406,15 +403,6 @@ def _cut_at_string(f: Finished, stop_strings, decode) -> Finished:
   n = next(n for n in range(1, len(f.tokens) + 1)
            if any(s in decode(f.tokens[:n]) for s in stop_strings))
   return dataclasses.replace(f, tokens=f.tokens[:n])
-
-
-def _put_rows(x: np.ndarray, names: tuple, mesh, batch_axis: int = 0):
-  """A host array with its rows (axis `batch_axis`) split over the mesh's batch axes."""
-  if mesh is None:
-    return jnp.asarray(x)
-  names = list(names)
-  names.insert(batch_axis, "act_batch")
-  return sharding.put(x, mesh, tuple(names))
 
 
 def _put_cache(cache: KVCache, mesh) -> KVCache:
