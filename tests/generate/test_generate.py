@@ -157,3 +157,23 @@ def test_stop_strings_cut_the_output():
     else:
       assert cut[tag] == tokens
   assert len(cut[0]) <= 6
+
+
+def test_shared_prefix_gives_the_same_outputs():
+  """Requests that start with one text prefix (a task's template), images after it: prefilled
+  against the prefix's cache, computed once, they generate what they generate whole."""
+  model = tiny.model()
+  rng = np.random.default_rng(3)
+  prefix = list(rng.integers(0, 80, 9))
+  grid = (1, 4, 8)
+  image = [tiny.START] + [tiny.IMAGE] * 8 + [tiny.END]
+  reqs = [Request(prefix + (image if i % 2 else []) + list(rng.integers(0, 80, 2 + i)),
+                  rng.standard_normal((32, 1176)).astype(np.float32) if i % 2 else None,
+                  tag=i) for i in range(6)]
+  kw = dict(capacity=4, cache_len=64, max_new_tokens=6, chunk=3)
+  whole = {f.tag: f.tokens for f in Engine(model, **kw).run(reqs, grid=grid, buckets=(32,))}
+  shared = {f.tag: f.tokens for f in Engine(model, **kw).run(reqs, grid=grid, buckets=(24,),
+                                                             prefix=prefix)}
+  assert shared == whole
+  with pytest.raises(ValueError, match="does not extend the shared prefix"):
+    list(Engine(model, **kw).run(reqs, grid=grid, prefix=[1] + prefix))

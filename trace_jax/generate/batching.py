@@ -58,17 +58,19 @@ def image_layout(cfg: ModelConfig, grid: Sequence[int]) -> VisionLayout:
 
 
 def pack(seqs: Sequence[Sequence[int]], images: Sequence[np.ndarray | None], cfg: ModelConfig,
-         grid: Sequence[int], batch_size: int, buckets: Sequence[int],
-         grow: bool = False) -> Packed:
+         grid: Sequence[int] | None, batch_size: int, buckets: Sequence[int],
+         grow: bool = False, offset: int = 0) -> Packed:
   """Up to `batch_size` token lists (and, per row, the [P, C] pixels of its image at `grid`, or
-  None) padded to the smallest bucket that fits (`length_bucket`)."""
+  None) padded to the smallest bucket that fits (`length_bucket`). `offset`: the sequences
+  continue `offset` text tokens already in a cache (a shared prefix): their M-RoPE positions
+  start there."""
   t = length_bucket(max(map(len, seqs)), buckets, grow)
   ids, mask = np.zeros((batch_size, t), np.int32), np.zeros((batch_size, t), np.int32)
   positions = np.zeros((3, batch_size, t), np.int32)
   for i, (s, image) in enumerate(zip(seqs, images)):
     ids[i, :len(s)], mask[i, :len(s)] = s, 1
     g = None if image is None else np.asarray([tuple(grid)])
-    positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, g, cfg)[:, 0]
+    positions[:, i, :len(s)] = rope_index(np.asarray([s]), None, g, cfg)[:, 0] + offset
   mask[len(seqs):, 0] = 1  # Filler rows: one visible token keeps their softmax defined.
   pixels = None
   if any(image is not None for image in images):

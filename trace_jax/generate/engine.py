@@ -84,15 +84,36 @@ class Request:
 # graph on every call, which costs more than a decoding step of a small model.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "unit"))
 def prefill(graphdef, state, ids, mask, positions, pixels, layout, read, max_len: int = 0,
-            unit: bool = False):
+            unit: bool = False, prefix: KVCache | None = None):
   """(hidden state at position `read` [B] of each row (L2-normalised with `unit`), its
-  next-token logits, and (max_len > 0) the prompt's cache of `max_len` slots)."""
+  next-token logits, and (max_len > 0) the prompt's cache of `max_len` slots).
+
+  With `prefix` (the one-row cache of tokens every row starts with), `ids` are the tokens after
+  it (their `positions` those of the whole sequence): the rows attend to the prefix's keys and
+  values instead of recomputing them, and the cache holds prefix then rows."""
   model = nnx.merge(graphdef, state)
   cache = KVCache.zeros(model.cfg, ids.shape[0], max_len) if max_len else None
+  if prefix is not None:
+    cache = _from_prefix(prefix, ids.shape[0], max_len)
   out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
               return_logits=False, cache=cache)
   h = jnp.take_along_axis(out.hidden_states, read[:, None, None], axis=1)[:, 0]
   return (normalize(h) if unit else h.astype(jnp.float32)), model.logits(h), out.cache
+
+
+def _from_prefix(prefix: KVCache, rows: int, max_len: int) -> KVCache:
+  """A cache of `max_len` slots for `rows` rows that all start with the one-row `prefix`."""
+  p = prefix.valid_bs.shape[1]
+  pad = ((0, 0), (0, 0), (0, 0), (0, max_len - p), (0, 0))
+
+  def grow(x):
+    x = jnp.pad(x, pad)
+    return jnp.broadcast_to(x, (x.shape[0], rows, *x.shape[2:]))
+
+  return KVCache(grow(prefix.k_lbksh), grow(prefix.v_lbksh),
+                 jnp.broadcast_to(jnp.pad(prefix.valid_bs, ((0, 0), (0, max_len - p))),
+                                  (rows, max_len)),
+                 jnp.asarray(p, jnp.int32), jnp.broadcast_to(prefix.next_position_b, (rows,)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
@@ -289,37 +310,54 @@ class Engine:
 
   def run(self, requests: Iterable[Request], *, grid: Sequence[int] | None = None,
           buckets: Sequence[int] = (256,), batch_size: int = 8, stop_strings: Sequence[str] = (),
-          decode=None) -> Iterator[Finished]:
+          decode=None, prefix: Sequence[int] = ()) -> Iterator[Finished]:
     """Generates every request, yielding each as it finishes (order of finishing). Prompts are
     prefilled `batch_size` at a time (requests with images apart from those without, each
     image resized by the caller to `grid`) whenever at least a quarter of the slots are free.
     `stop_strings` (with `decode`, token ids -> text) stop a row whose text contains one; its
-    tokens are then cut right after it."""
+    tokens are then cut right after it. `prefix`: text tokens every request starts with (a
+    task's template); their keys and values are computed once and every prefill attends to
+    them (`buckets` then size the rest of each prompt)."""
     pending = collections.deque(requests)
     refill = max(1, self.capacity // 4)
     layout = None if grid is None else batching.image_layout(self.model.cfg, grid)
+    shared = self._prefix_cache(list(prefix)) if len(prefix) else None
     while pending or self.active:
       while pending and self.free >= min(refill, len(pending)):
         batch = _take_batch(pending, min(batch_size, self.free))
-        yield from self._prefill_and_submit(batch, layout, grid, buckets)
+        yield from self._prefill_and_submit(batch, layout, grid, buckets, list(prefix), shared)
       finished = self.step(refill_at=refill if pending else 0)
       if stop_strings:
         finished += self._stop_at_strings(stop_strings, decode)
       yield from (_cut_at_string(f, stop_strings, decode) for f in finished)
 
-  def _prefill_and_submit(self, batch: list[Request], layout, grid, buckets) -> list[Finished]:
-    """Prefills requests and submits the rows whose first token is not the end; returns those
-    that ended at once."""
+  def _prefix_cache(self, prefix: list[int]) -> KVCache:
+    """The one-row cache of a text prefix."""
+    if self.model.cfg.image_token_id in prefix:
+      raise ValueError("a shared prefix must be text only (images go after it)")
+    packed = batching.pack([prefix], [None], self.model.cfg, None, 1, (len(prefix),))
+    with jax.set_mesh(self.mesh) if self.mesh is not None else _nothing():
+      return prefill(*self._split, *batching.on_devices(packed, None), None,
+                     jnp.asarray([len(prefix) - 1]), max_len=len(prefix))[2]
+
+  def _prefill_and_submit(self, batch: list[Request], layout, grid, buckets, prefix: list[int],
+                          shared: KVCache | None) -> list[Finished]:
+    """Prefills requests (after their shared `prefix`, whose cache is `shared`) and submits the
+    rows whose first token is not the end; returns those that ended at once."""
     if grid is None and batch[0].pixels is not None:
       raise ValueError("requests with images need the engine's image grid (run(grid=...))")
-    packed = batching.pack([r.ids for r in batch], [r.pixels for r in batch], self.model.cfg,
-                           grid, batching.bucket(len(batch)), buckets)
+    p = len(prefix)
+    for r in batch:
+      if list(r.ids[:p]) != prefix or len(r.ids) <= p:
+        raise ValueError(f"request {r.tag!r} does not extend the shared prefix")
+    packed = batching.pack([r.ids[p:] for r in batch], [r.pixels for r in batch],
+                           self.model.cfg, grid, batching.bucket(len(batch)), buckets, offset=p)
     last = packed.lengths - 1
     with jax.set_mesh(self.mesh) if self.mesh is not None else _nothing():
       h, logits, cache = prefill(
         *self._split, *batching.on_devices(packed, self.mesh),
         None if packed.pixels is None else layout, jnp.asarray(last),
-        max_len=packed.ids.shape[1])
+        max_len=p + packed.ids.shape[1], prefix=shared)
     seeds = np.asarray([r.seed for r in batch] + [0] * (len(last) - len(batch)), np.int32)
     first = np.asarray(next_tokens(logits, self.sampling, jnp.asarray(seeds),
                                    jnp.zeros(len(seeds), jnp.int32)))[:len(batch)]
@@ -329,7 +367,8 @@ class Engine:
             for i in np.flatnonzero(ended)]
     go = np.flatnonzero(~ended)
     if len(go):
-      self.submit(cache, go, packed.lengths[go], first[go], seeds[go], [batch[i].tag for i in go])
+      self.submit(cache, go, p + packed.lengths[go], first[go], seeds[go],
+                  [batch[i].tag for i in go])
     return done
 
   def _stop_at_strings(self, stop_strings, decode) -> list[Finished]:
