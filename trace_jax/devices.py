@@ -1,12 +1,14 @@
 """Process and device set-up that must happen before JAX initialises its backends: huge pages
-for host memory, fake CPU devices for the demo and tests, and `jax.distributed` for runs of several
-processes."""
+for host memory, fake CPU devices (and thread pools for their collectives) for the demo and tests,
+and `jax.distributed` for runs of several processes."""
 
 import os
 import platform
+import re
 import sys
 
 _FLAG = "--xla_force_host_platform_device_count"
+_NPROC = "PJRT_NPROC"
 _HUGETLB = "glibc.malloc.hugetlb"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -45,10 +47,42 @@ def huge_pages_supported() -> bool:
 
 
 def split_cpu(n: int) -> None:
-  """Splits the host CPU into `n` XLA devices (no-op for 0 or when XLA_FLAGS already says)."""
+  """Splits the host CPU into `n` XLA devices (none for 0; a count already in XLA_FLAGS wins) and,
+  for more than one device, sets `PJRT_NPROC` so that XLA:CPU's thread pools hold twice as many
+  threads as devices (or one per core, if more). A PJRT_NPROC already set is kept.
+
+  XLA:CPU runs the collectives of its devices as rendezvous that block a pool thread each, and
+  sizes its pools (client and intra-op) to max(cores, devices): one thread per device on a 2-core
+  machine. That is enough only while no device blocks in two collectives at once and nothing else
+  holds a pool thread; jax 0.10.2 breaks both, and a device whose collective finds no free thread
+  never arrives, so the others wait until XLA aborts ("may be stuck", "Termination timeout"):
+  - collectives run out of order: a program loaded from the persistent compilation cache (even in
+    its own process, after `jax.clear_caches`) loses the ordering between a while loop's
+    collectives and the rest (XLA's thunk_proto_serdes.cc deserialises loop bodies with a
+    collective-ordering resource of their own), and a fresh program orders a collective after a
+    loop only by a scheduling edge, released when the loop starts. Seen (train step, fsdp=8,
+    loaded from the cache): all 8 intra-op threads blocked, 7 devices in the scanned layers'
+    all-gather, 1 in a later all-reduce with its own all-gather queued; 10 of 10 runs aborted.
+  - with more than 32 programs in flight per device, each launch waits for a slot on a client
+    thread, and the launches hold the threads that the running program's devices need (gdb: 5
+    devices executing, 3 launches blocked, no thread for the 3 devices' execution).
+  With twice as many threads, tests/test_cpu_collectives.py passes both ways it aborted before.
+  """
   flags = os.environ.get("XLA_FLAGS", "")
   if n and _FLAG not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
+    flags = os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
+  counts = re.findall(rf"{_FLAG}=(\d+)", flags)
+  devices = int(counts[-1]) if counts else 0  # XLA reads the last one.
+  if devices > 1:
+    os.environ.setdefault(_NPROC, str(max(_xla_default_threads(), 2 * devices)))
+
+
+def _xla_default_threads() -> int:
+  """The thread count XLA picks without PJRT_NPROC: NPROC if set, else the usable cores."""
+  nproc = os.environ.get("NPROC", "")
+  if nproc.isdigit():
+    return int(nproc)
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:

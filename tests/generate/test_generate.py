@@ -177,3 +177,18 @@ def test_shared_prefix_gives_the_same_outputs():
   assert shared == whole
   with pytest.raises(ValueError, match="does not extend the shared prefix"):
     list(Engine(model, **kw).run(reqs, grid=grid, prefix=[1] + prefix))
+
+
+def test_per_request_limits():
+  """A request's own `max_new_tokens` stops it there (capped), with the tokens it would write
+  under the engine's larger limit."""
+  model = tiny.model()
+  reqs = requests(4)
+  kw = dict(capacity=2, cache_len=30, max_new_tokens=9, chunk=4)
+  full = {f.tag: f.tokens for f in Engine(model, **kw).run(reqs, buckets=(16,))}
+  limited = [Request(r.ids, r.pixels, r.seed, r.tag, max_new_tokens=2 + r.tag) for r in reqs]
+  got = {f.tag: f for f in Engine(model, **kw).run(limited, buckets=(16,))}
+  for tag, f in got.items():
+    assert f.tokens == full[tag][:2 + tag] and f.capped
+  with pytest.raises(ValueError, match="asks for 10 new tokens"):
+    list(Engine(model, **kw).run([Request(reqs[0].ids, max_new_tokens=10)], buckets=(16,)))

@@ -10,7 +10,7 @@ encoder needs what serving engines do not expose: the hidden state of the token 
   cache than its prompt and its output).
 - `Engine.step` decodes every active slot for up to `chunk` tokens in one on-device
   `while_loop` (no host round trip per token); each row stops on its own, at a stop id or after
-  `max_new_tokens` tokens (transformers' semantics: the stop id is the last token returned). The
+  its `max_new_tokens` tokens (transformers' semantics: the stop id is the last token returned). The
   loop ends early when every row has stopped or when `refill_at` rows have finished, so that a
   caller with prompts waiting gives their slots away at once (continuous batching). Between
   chunks the buffer shrinks to the rows still active (padded to a few sizes, so few programs
@@ -55,6 +55,7 @@ class Slots:
   counts: jax.Array  # [R] tokens the row has written (the latest included).
   active: jax.Array  # [R] still generating.
   seeds: jax.Array  # [R] the row's sampling seed.
+  limits: jax.Array  # [R] the most tokens the row may write.
   hidden: jax.Array  # [R, D] float32 state of the row's last fed token.
   capped: jax.Array  # [R] stopped at max_new_tokens without a stop id.
 
@@ -78,6 +79,7 @@ class Request:
   pixels: np.ndarray | None = None
   seed: int = 0
   tag: Any = None
+  max_new_tokens: int = 0  # 0: the engine's.
 
 
 # Jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
@@ -118,7 +120,7 @@ def _from_prefix(prefix: KVCache, rows: int, max_len: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
                    donate_argnums=(2,))
-def _decode_chunk(graphdef, state, buf: Slots, stop_ids, max_new, refill_at, *,
+def _decode_chunk(graphdef, state, buf: Slots, stop_ids, refill_at, *,
                   sampling: Sampling, steps: int):
   """Up to `steps` tokens for every active row; ends early when no row is active or when
   `refill_at` rows have finished. Returns (buffer, tokens written [R, steps], -1 where none)."""
@@ -133,9 +135,9 @@ def _decode_chunk(graphdef, state, buf: Slots, stop_ids, max_new, refill_at, *,
     act = b.active
     stop = jnp.isin(nxt, stop_ids)
     counts = b.counts + act
-    going = act & ~stop & (counts < max_new)
+    going = act & ~stop & (counts < b.limits)
     written = written.at[:, i].set(jnp.where(act, nxt, -1))
-    b = Slots(out.cache, jnp.where(act, nxt, b.tokens), counts, going, b.seeds,
+    b = Slots(out.cache, jnp.where(act, nxt, b.tokens), counts, going, b.seeds, b.limits,
               jnp.where(act[:, None], h.astype(jnp.float32), b.hidden),
               b.capped | (act & ~going & ~stop))
     return i + 1, b, written
@@ -150,7 +152,7 @@ def _decode_chunk(graphdef, state, buf: Slots, stop_ids, max_new, refill_at, *,
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _insert(buf: Slots, cache: KVCache, src, dst, index, tokens, seeds) -> Slots:
+def _insert(buf: Slots, cache: KVCache, src, dst, index, tokens, seeds, limits) -> Slots:
   """`buf` with rows `dst` holding rows `src` of a prefill's cache (its slots, then invalid
   ones), writing next at `index`, latest token `tokens`, one token written, active."""
   slots = buf.cache.valid_bs.shape[1]
@@ -164,7 +166,8 @@ def _insert(buf: Slots, cache: KVCache, src, dst, index, tokens, seeds) -> Slots
                 c.next_position_b.at[dst].set(cache.next_position_b[src]))
   return Slots(new, buf.tokens.at[dst].set(tokens), buf.counts.at[dst].set(1),
                buf.active.at[dst].set(True), buf.seeds.at[dst].set(seeds),
-               buf.hidden.at[dst].set(0.0), buf.capped.at[dst].set(False))
+               buf.limits.at[dst].set(limits), buf.hidden.at[dst].set(0.0),
+               buf.capped.at[dst].set(False))
 
 
 @jax.jit
@@ -175,7 +178,7 @@ def _gather(buf: Slots, idx, live) -> Slots:
   cache = KVCache(c.k_lbksh[:, idx], c.v_lbksh[:, idx], c.valid_bs[idx], c.index[idx],
                   c.next_position_b[idx])
   return Slots(cache, take(buf.tokens), take(buf.counts), take(buf.active) & live,
-               take(buf.seeds), take(buf.hidden), take(buf.capped))
+               take(buf.seeds), take(buf.limits), take(buf.hidden), take(buf.capped))
 
 
 @jax.jit
@@ -186,8 +189,8 @@ def _deactivate(buf: Slots, rows) -> Slots:
 def _empty(cfg, rows: int, cache_len: int) -> Slots:
   return Slots(KVCache.zeros(cfg, rows, cache_len, per_row=True), jnp.zeros((rows,), jnp.int32),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool),
-               jnp.zeros((rows,), jnp.int32), jnp.zeros((rows, cfg.text.width), jnp.float32),
-               jnp.zeros((rows,), bool))
+               jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
+               jnp.zeros((rows, cfg.text.width), jnp.float32), jnp.zeros((rows,), bool))
 
 
 def rows_bucket(n: int) -> int:
@@ -240,10 +243,10 @@ class Engine:
     return self.capacity - self.active
 
   def submit(self, cache: KVCache, rows: np.ndarray, index: np.ndarray, tokens: np.ndarray,
-             seeds: np.ndarray, tags: Sequence[Any]) -> int:
+             seeds: np.ndarray, tags: Sequence[Any], limits: np.ndarray | None = None) -> int:
     """Inserts as many of `rows` (rows of a prefill's `cache`: their next write slot `index`,
-    their first new token `tokens`, which is no stop id, and their `seeds`) as there are free
-    slots; returns how many."""
+    their first new token `tokens`, which is no stop id, their `seeds` and the most tokens each
+    may write, `limits`, default `max_new_tokens`) as there are free slots; returns how many."""
     k = min(len(rows), self.free)
     if not k:
       return 0
@@ -253,8 +256,10 @@ class Engine:
     dst = [i for i, t in enumerate(self._tags) if t is None][:k]
     size = batching.bucket(k)
     cache = self._place(cache)
+    if limits is None:
+      limits = np.full(k, self.max_new_tokens)
     self._buf = _insert(self._buf, cache, *(jnp.asarray(padded(x, size)) for x in (
-      rows[:k], dst, index[:k], tokens[:k], seeds[:k])))
+      rows[:k], dst, index[:k], tokens[:k], seeds[:k], limits[:k])))
     for d, tag, token in zip(dst, tags[:k], tokens[:k]):
       self._tags[d], self._tokens[d] = tag, [int(token)]
     return k
@@ -270,8 +275,8 @@ class Engine:
     split = self._one_split if self._on_one else self._split
     with jax.set_mesh(self.mesh) if self.mesh is not None and not self._on_one else _nothing():
       self._buf, written = _decode_chunk(
-        *split, self._buf, self.stop_ids, jnp.int32(self.max_new_tokens),
-        jnp.int32(refill_at or len(self._tags) + 1), sampling=self.sampling, steps=self.chunk)
+        *split, self._buf, self.stop_ids, jnp.int32(refill_at or len(self._tags) + 1),
+        sampling=self.sampling, steps=self.chunk)
     written, active = np.asarray(written), np.asarray(self._buf.active)
     done = [i for i in held if not active[i]]
     hidden = np.asarray(self._buf.hidden)[done] if done else None
@@ -361,14 +366,18 @@ class Engine:
     seeds = np.asarray([r.seed for r in batch] + [0] * (len(last) - len(batch)), np.int32)
     first = np.asarray(next_tokens(logits, self.sampling, jnp.asarray(seeds),
                                    jnp.zeros(len(seeds), jnp.int32)))[:len(batch)]
-    ended = np.isin(first, np.asarray(self.stop_ids)) | (self.max_new_tokens == 1)
+    limits = np.asarray([r.max_new_tokens or self.max_new_tokens for r in batch])
+    if limits.max() > self.max_new_tokens:
+      raise ValueError(f"a request asks for {limits.max()} new tokens; the engine's cache holds "
+                       f"{self.max_new_tokens}")
+    ended = np.isin(first, np.asarray(self.stop_ids)) | (limits == 1)
     h = np.asarray(h)
     done = [Finished(batch[i].tag, [int(first[i])], h[i], not np.isin(first[i], self.stop_ids))
             for i in np.flatnonzero(ended)]
     go = np.flatnonzero(~ended)
     if len(go):
       self.submit(cache, go, p + packed.lengths[go], first[go], seeds[go],
-                  [batch[i].tag for i in go])
+                  [batch[i].tag for i in go], limits[go])
     return done
 
   def _stop_at_strings(self, stop_strings, decode) -> list[Finished]:
@@ -458,7 +467,8 @@ def _put_slots(buf: Slots, mesh) -> Slots:
   row = ("act_batch",)
   return Slots(_put_cache(buf.cache, mesh), put(buf.tokens, names=row),
                put(buf.counts, names=row), put(buf.active, names=row), put(buf.seeds, names=row),
-               put(buf.hidden, names=("act_batch", None)), put(buf.capped, names=row))
+               put(buf.limits, names=row), put(buf.hidden, names=("act_batch", None)),
+               put(buf.capped, names=row))
 
 
 def _replica_device(state, mesh: jax.sharding.Mesh | None):
