@@ -1,7 +1,8 @@
 """Entry point: `python -m trace_jax.main --config=configs/demo.py --workdir=runs/demo`.
 
-Trains the config (resuming from WORKDIR when it holds a checkpoint) and writes metrics and
-checkpoints under WORKDIR. With `eval.after_train` (the demo's default) it then evaluates the final
+Trains the config (resuming from WORKDIR when it holds a checkpoint) and writes metrics,
+checkpoints and the config (`config.json`, which tools such as the teacher read back) under
+WORKDIR. With `eval.after_train` (the demo's default) it then evaluates the final
 checkpoint (WORKDIR/eval/, as `python -m trace_jax.eval` does), prints a per-task summary and writes
 WORKDIR/curves.png (training curves) and WORKDIR/eval/routing.png (reasoning rate and recall per
 task).
@@ -32,6 +33,10 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("trace_jax").setLevel(logging.INFO)
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  import jax
+  if jax.process_index() == 0:  # The run's config beside its checkpoints (tools read it back).
+    with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
   last = loop.run(config, _WORKDIR.value)
   print(json.dumps({"final": last}))
   if config.eval.after_train:

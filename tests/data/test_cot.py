@@ -203,7 +203,19 @@ def test_rules_apply_in_order():
   # Too short and no shared keyword: length comes first.
   record = _reason("5:1", _wrap("it is a scarf.", "a woollen scarf"))
   assert cot.filter_record(record, QUERY_TEXT, TARGET_TEXT, WordTokenizer()) == cot.LENGTH
-  assert cot.RULES == ("structure", "length", "repetition", "refusal", "non_english", "keyword")
+  assert cot.RULES == ("structure", "length", "repetition", "refusal", "non_english", "keyword",
+                       "confidence")
+
+
+@pytest.mark.parametrize("confidence,kept", [(None, True), (0.95, True), (0.71, True),
+                                             (0.7, False), (0.2, False)])
+def test_confidence_rule_keeps_what_the_verifier_believes(confidence, kept):
+  """The paper keeps samples whose verifier confidence is above 0.7; unverified ones pass."""
+  record = cot.CoTRecord("5:1", 6, "reason", _wrap(GOOD_REASONING, GOOD_ANSWER), confidence)
+  reason = cot.filter_record(record, QUERY_TEXT, TARGET_TEXT, WordTokenizer())
+  assert reason == (None if kept else cot.CONFIDENCE)
+  line = record.to_json()
+  assert ("confidence" in line) == (confidence is not None)
 
 
 # ------------------------------------------------------------------------------------ read_cot
@@ -240,6 +252,8 @@ _GOOD_LINE = {"qid": "8:1", "task_id": 7, "route": "reason", "teacher_output": "
     ({"qid": "8:2", "task_id": "7", "route": "direct", "teacher_output": None}, "key 'task_id'"),
     ({"qid": "8:1", "task_id": 7, "route": "direct", "teacher_output": None},
      "duplicate qid '8:1' (first on line 1)"),
+    ({"qid": "8:2", "task_id": 7, "route": "reason", "teacher_output": "x", "confidence": 1.5},
+     "key 'confidence' must be a number in [0, 1]"),
 ])
 def test_read_cot_errors_name_file_and_line(tmp_path, bad, message):
   path = _write_lines(tmp_path / "cot.jsonl", [_GOOD_LINE, bad])
@@ -266,11 +280,14 @@ def _candidate(did: str, text: str | None) -> dict:
 def _world(tmp_path) -> dict[str, str]:
   """Raw CoT, queries and pool: two good reason records, one per rule, two direct records."""
   raw = [("5:1", GOOD_REASONING, GOOD_ANSWER), ("5:2", None, None)]
-  raw += [(f"5:{i}", *TRIPS[rule]) for i, rule in enumerate(cot.RULES[1:], start=3)]
+  trips = dict(TRIPS, **{cot.CONFIDENCE: (GOOD_REASONING, GOOD_ANSWER)})
+  raw += [(f"5:{i}", *trips[rule]) for i, rule in enumerate(cot.RULES[1:], start=3)]
   lines, queries, pool = [], [], []
   for qid, reasoning, answer in raw:
     output = _wrap(reasoning, answer) if reasoning else _wrap("r", "a") + "<answer>b</answer>"
     lines.append({"qid": qid, "task_id": 6, "route": "reason", "teacher_output": output})
+    if qid in ("5:1", f"5:{len(cot.RULES) + 1}"):  # Verified: believed, and the last not.
+      lines[-1]["confidence"] = 0.9 if qid == "5:1" else 0.3
     queries.append(_query(qid, 6, QUERY_TEXT, f"5:{100 + len(pool)}"))
     pool.append(_candidate(f"5:{100 + len(pool)}", TARGET_TEXT))
   # Image target: the keyword must come from the query text.
@@ -294,6 +311,7 @@ def _check_outputs(paths: dict[str, str]) -> None:
   assert [r["qid"] for r in kept] == ["5:1", "8:1", "9:1", "9:2"]
   assert kept[-1] == {"qid": "9:2", "task_id": 0, "route": "direct", "teacher_output": None}
   assert cot.read_cot(paths["out"])["5:1"].teacher_output == _wrap(GOOD_REASONING, GOOD_ANSWER)
+  assert cot.read_cot(paths["out"])["5:1"].confidence == 0.9
   dropped = _read_jsonl(paths["out"].replace(".jsonl", ".dropped.jsonl"))
   assert [(d["qid"], d["reason"]) for d in dropped] == [
       (f"5:{i}", rule) for i, rule in enumerate(cot.RULES, start=2)]
@@ -302,8 +320,8 @@ def _check_outputs(paths: dict[str, str]) -> None:
 
 def _expected_table(out: str) -> str:
   rows = [f"{rule:<14}{1:>8}" for rule in cot.RULES]
-  return "\n".join(["read 10 records", f"{'rule':<14}{'dropped':>8}", *rows,
-                    f"{'total':<14}{6:>8}", f"{'route':<14}{'kept':>8}", f"{'reason':<14}{2:>8}",
+  return "\n".join(["read 11 records", f"{'rule':<14}{'dropped':>8}", *rows,
+                    f"{'total':<14}{7:>8}", f"{'route':<14}{'kept':>8}", f"{'reason':<14}{2:>8}",
                     f"{'direct':<14}{2:>8}", f"{'total':<14}{4:>8}",
                     f"wrote {out} and {out.replace('.jsonl', '.dropped.jsonl')}"])
 
@@ -339,7 +357,7 @@ def test_build_rejects_a_qid_missing_from_the_queries(tmp_path):
   with open(paths["raw"], "a", encoding="utf-8") as f:
     f.write(json.dumps({"qid": "5:99", "task_id": 6, "route": "direct",
                         "teacher_output": None}) + "\n")
-  message = f"{paths['raw']}:11: qid 5:99 is not in {paths['queries']}"
+  message = f"{paths['raw']}:12: qid 5:99 is not in {paths['queries']}"
   with pytest.raises(MBEIRFormatError, match=re.escape(message)):
     build_cot.build(paths["raw"], paths["queries"], paths["pool"], paths["out"])
   assert not os.path.exists(paths["out"])

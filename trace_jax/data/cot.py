@@ -1,14 +1,15 @@
 """The M-BEIR-CoT file format, the teacher-output parser and the paper's quality filters.
 
 What this is: a strict reader for M-BEIR-CoT JSON lines (one line per query id: `qid`, `task_id`,
-`route`, `teacher_output`), the parser that splits a teacher output
-`<reasoning>...</reasoning><answer>...</answer>` into its two blocks, the training target with the
+`route`, `teacher_output`, and the verifier's optional `confidence`), the parser that splits a
+teacher output `<reasoning>...</reasoning><answer>...</answer>` into its two blocks, the
+training target with the
 tags stripped, and the filters of TRACE §M-BEIR-CoT (structure, length, repetition, refusal,
-non-English, keyword overlap), each a small function returning a reason code or None. The format
-and every threshold are documented in `docs/data.md`.
+non-English, keyword overlap, and the verifier's confidence above 0.7), each a small function
+returning a reason code or None. The format and every threshold are documented in `docs/data.md`.
 
-What this is not: no teacher model and no verifier model (the paper's confidence >= 0.7 step is out
-of scope), no prompt building (`prompts.py`) and no file joining or writing
+What this is not: no teacher model and no verifier model (`trace_jax/teach/` runs them and writes
+`confidence`), no prompt building (`prompts.py`) and no file joining or writing
 (`trace_jax.tools.build_cot`). Token counts use whatever `Tokenizer` the caller passes.
 """
 
@@ -25,9 +26,13 @@ ROUTES = ("reason", "direct")
 Route = Literal["reason", "direct"]
 
 # Reason codes, in the order `filter_record` applies the rules.
-STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD = (
-    "structure", "length", "repetition", "refusal", "non_english", "keyword")
-RULES = (STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD)
+STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE = (
+    "structure", "length", "repetition", "refusal", "non_english", "keyword", "confidence")
+RULES = (STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE)
+
+# Verifier rule (TRACE §M-BEIR-CoT): keep a sample whose verifier confidence (probability of
+# "yes") is above this. A record without a confidence (no verifier ran) is not judged by it.
+MIN_CONFIDENCE = 0.7
 
 # Length rule (TRACE §M-BEIR-CoT), inclusive bounds in tokens of the given tokenizer.
 MIN_REASONING_TOKENS, MAX_REASONING_TOKENS = 16, 256
@@ -95,10 +100,14 @@ class CoTRecord:
   task_id: int  # UniIR task id of the query.
   route: Route  # "reason": train on the teacher text; "direct": `<|emb|>` only.
   teacher_output: str | None  # `<reasoning>...</reasoning><answer>...</answer>`; None if direct.
+  confidence: float | None = None  # The verifier's probability of "yes"; None: not verified.
 
   def to_json(self) -> dict[str, object]:
-    """The record as the JSON object of one M-BEIR-CoT line."""
-    return dataclasses.asdict(self)
+    """The record as the JSON object of one M-BEIR-CoT line (`confidence` only when set)."""
+    out = dataclasses.asdict(self)
+    if self.confidence is None:
+      del out["confidence"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +121,7 @@ class FilterConfig:
   max_repeated_ngram_fraction: float = MAX_REPEATED_NGRAM_FRACTION
   min_repeat_sentence_words: int = MIN_REPEAT_SENTENCE_WORDS
   min_ascii_letter_fraction: float = MIN_ASCII_LETTER_FRACTION
+  min_confidence: float = MIN_CONFIDENCE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +155,13 @@ def _check_record(raw: dict[str, object], where: str) -> CoTRecord:
                            f"{output!r}, not a string")
   if route == "direct" and output is not None:
     raise MBEIRFormatError(f"{where}: qid {qid} has route 'direct' but a non-null teacher_output")
-  return CoTRecord(qid=qid, task_id=task_id, route=route, teacher_output=output)
+  confidence = raw.get("confidence")
+  if confidence is not None and (isinstance(confidence, bool) or not isinstance(
+      confidence, (int, float)) or not 0.0 <= confidence <= 1.0):
+    raise MBEIRFormatError(f"{where}: key 'confidence' must be a number in [0, 1] or null, got "
+                           f"{confidence!r}")
+  return CoTRecord(qid=qid, task_id=task_id, route=route, teacher_output=output,
+                   confidence=None if confidence is None else float(confidence))
 
 
 def iter_cot(path: str) -> Iterator[tuple[int, CoTRecord]]:
@@ -366,4 +382,12 @@ def filter_record(record: CoTRecord, query_text: str | None, target_text: str | 
     reason = check(sample, cfg)
     if reason is not None:
       return reason
-  return None
+  return check_confidence(record, cfg)
+
+
+def check_confidence(record: CoTRecord, cfg: FilterConfig = FilterConfig()) -> str | None:
+  """Rule 7: the verifier's confidence must be above `min_confidence` (a record no verifier
+  judged passes)."""
+  if record.confidence is None or record.confidence > cfg.min_confidence:
+    return None
+  return CONFIDENCE

@@ -5,9 +5,11 @@
 
 Reads RAW (M-BEIR-CoT lines), joins each record by qid with its query and the text of its positive
 candidates, runs `trace_jax.data.cot.filter_record` on reason records (direct records pass
-through), writes the kept records to OUT and every dropped one (qid, task_id, route, reason) to
+through; the verifier's `confidence`, when a record has one, must be above --min_confidence),
+writes the kept records to OUT and every dropped one (qid, task_id, route, reason) to
 `OUT.dropped.jsonl` (a trailing `.jsonl` of OUT is replaced), and prints how many each rule dropped
-and how many were kept per route. It does not run a teacher or a verifier model.
+and how many were kept per route. It does not run a teacher or a verifier model
+(`trace_jax.tools.teach` does, and writes the raw file this reads).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _MIN_ANSWER = flags.DEFINE_integer("min_answer_tokens", cot.MIN_ANSWER_TOKENS,
                                    "Fewest answer tokens kept.")
 _MAX_ANSWER = flags.DEFINE_integer("max_answer_tokens", cot.MAX_ANSWER_TOKENS,
                                    "Most answer tokens kept.")
+_MIN_CONFIDENCE = flags.DEFINE_float("min_confidence", cot.MIN_CONFIDENCE,
+                                     "Keep records whose verifier confidence is above this.")
 
 
 def main(argv):
@@ -43,7 +47,8 @@ def main(argv):
   tokenizer = load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
   cfg = cot.FilterConfig(min_reasoning_tokens=_MIN_REASONING.value,
                          max_reasoning_tokens=_MAX_REASONING.value,
-                         min_answer_tokens=_MIN_ANSWER.value, max_answer_tokens=_MAX_ANSWER.value)
+                         min_answer_tokens=_MIN_ANSWER.value, max_answer_tokens=_MAX_ANSWER.value,
+                         min_confidence=_MIN_CONFIDENCE.value)
   report = build(_IN.value, _QUERIES.value, _POOL.value, _OUT.value, tokenizer=tokenizer,
                  instructions_path=_INSTRUCTIONS.value, cfg=cfg)
   print(format_report(report))
