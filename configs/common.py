@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_files = (("query/union_train/mbeir_union_up_train.jsonl",
                          "cand_pool/global/mbeir_union_train_cand_pool.jsonl"),)
   c.data.cot_file = ""
+  # A query of train_files without a record in cot_file: "error" stops naming it; "drop" leaves
+  # it out of training, counted in the log (a file build_cot filtered lists the kept queries).
+  c.data.cot_missing = "error"
   # ArrayRecord shards written by tools/convert_examples (images inline); when set, the pipeline
   # reads them instead of the files above.
   c.data.shards_dir = ""

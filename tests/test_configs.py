@@ -18,9 +18,9 @@ from trace_jax.model.config import ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
   p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-  if os.path.basename(p) not in ("__init__.py", "common.py"))
+  if os.path.basename(p) not in ("__init__.py", "common.py", "teach.py"))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in CONFIG_FILES]
-RELEASED = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b")
+RELEASED = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_72b")
 
 
 def load_with_flags(spec: str, *overrides: str):
@@ -119,3 +119,18 @@ def test_target_caps_cover_what_the_cot_filter_admits():
   from trace_jax.data import cot
   c = common.base_config()
   assert c.loss.max_target_tokens == c.eval.max_new_tokens == cot.MAX_TARGET_TOKENS
+
+
+@pytest.mark.parametrize("arg", ["", "world=demo", "teacher=72b"])
+def test_teach_config_loads(arg):
+  """The teacher's config (not an experiment: no model section) through the flag, and its
+  templates render every field a query gives."""
+  path = os.path.join(ROOT, "configs", "teach.py")
+  config = load_with_flags(f"{path}:{arg}" if arg else path)
+  for template in list(config.templates.values()) + list(config.verify.templates.values()):
+    text = template["body"].format(instruction="i", query="q", target="t", answer="a")
+    assert "{" not in text and template["image"] in ("query", "target", "none")
+  assert set(config.templates_for.values()) <= set(config.templates)
+  assert set(config.verify.templates_for.values()) <= set(config.verify.templates)
+  with pytest.raises(KeyError, match="wrold"):
+    get_config("teach", "wrold=demo")

@@ -1,4 +1,5 @@
-"""The packages import only downward: model < data < generate < {train, infer} < eval < tools.
+"""The packages import only downward: model < data < generate < {train, infer} < {eval, teach}
+< tools.
 
 A lower layer that reaches up (the pipeline importing the train step, the model importing the
 tokenizer) ties pieces that should stand alone; shared pieces live low enough for both sides
@@ -19,6 +20,7 @@ FORBIDDEN = {
   "train": {"generate", "infer", "eval", "tools"},
   "infer": {"train", "eval", "tools"},
   "eval": {"tools"},
+  "teach": {"infer", "eval", "tools"},
 }
 
 

@@ -22,8 +22,9 @@ from trace_jax.model.qwen_vl import QwenVL
 
 # Totals on the model cards (billions), rounded there; the reference count is the exact one.
 PUBLISHED = {"qwen2_vl_2b": 2.21e9, "qwen2_vl_7b": 8.29e9, "qwen2_5_vl_3b": 3.75e9,
-             "qwen2_5_vl_7b": 8.29e9}
-TIED = {"qwen2_vl_2b": True, "qwen2_vl_7b": False, "qwen2_5_vl_3b": True, "qwen2_5_vl_7b": False}
+             "qwen2_5_vl_7b": 8.29e9, "qwen2_5_vl_72b": 73.4e9}
+TIED = {"qwen2_vl_2b": True, "qwen2_vl_7b": False, "qwen2_5_vl_3b": True, "qwen2_5_vl_7b": False,
+        "qwen2_5_vl_72b": False}
 _HF_LAYOUT = {"text": "model.language_model", "vision": "model.visual"}  # transformers 5.x names.
 
 

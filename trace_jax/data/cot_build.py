@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from trace_jax.data import cot, mbeir
 from trace_jax.data import instructions as instruction_lib
@@ -54,12 +54,24 @@ def load_tokenizer(path: str) -> Tokenizer:
   raise ValueError(f"--tokenizer must end in .json or .model, got {path!r}")
 
 
-def _first_queries(path: str) -> dict[str, mbeir.Query]:
+def _first_queries(paths: Sequence[str]) -> dict[str, mbeir.Query]:
   """`{qid: Query}` keeping the first line of a qid (union_train repeats qids)."""
   out: dict[str, mbeir.Query] = {}
-  for query in mbeir.load_queries(path):
-    out.setdefault(query.qid, query)
+  for path in paths:
+    for query in mbeir.load_queries(path):
+      out.setdefault(query.qid, query)
   return out
+
+
+def _pools(paths: Sequence[str]) -> dict[str, mbeir.Candidate]:
+  out: dict[str, mbeir.Candidate] = {}
+  for path in paths:
+    out.update(mbeir.load_pool(path))
+  return out
+
+
+def _paths(p: str | Sequence[str]) -> list[str]:
+  return [p] if isinstance(p, str) else list(p)
 
 
 def _query_side(query: mbeir.Query, table: instruction_lib.InstructionTable | None) -> str:
@@ -74,19 +86,20 @@ def _query_side(query: mbeir.Query, table: instruction_lib.InstructionTable | No
 
 
 def _context(record: cot.CoTRecord, where: str, queries: dict[str, mbeir.Query],
-             queries_path: str, pool: dict[str, mbeir.Candidate], pool_path: str,
+             queries_path: list[str], pool: dict[str, mbeir.Candidate], pool_path: list[str],
              table: instruction_lib.InstructionTable | None) -> Context:
   """Joins a raw record with its query and positives; `where` (`raw:line`) prefixes errors."""
   query = queries.get(record.qid)
   if query is None:
-    raise mbeir.MBEIRFormatError(f"{where}: qid {record.qid} is not in {queries_path}")
+    raise mbeir.MBEIRFormatError(f"{where}: qid {record.qid} is not in "
+                                 f"{', '.join(queries_path)}")
   if query.task_id != record.task_id:
     raise mbeir.MBEIRFormatError(f"{where}: qid {record.qid} has task_id {record.task_id}, but "
-                                 f"{queries_path} says {query.task_id}")
+                                 f"{', '.join(queries_path)} says {query.task_id}")
   positives = [pool[did] for did in query.pos_cand_list if did in pool]
   if not positives:
     raise mbeir.MBEIRFormatError(f"{where}: no positive of qid {record.qid} "
-                                 f"{list(query.pos_cand_list)} is in {pool_path}")
+                                 f"{list(query.pos_cand_list)} is in {', '.join(pool_path)}")
   target = " ".join(c.text for c in positives if c.text)
   return Context(query_text=_query_side(query, table), target_text=target)
 
@@ -97,10 +110,12 @@ def _write_jsonl(path: str, rows: Iterable[dict[str, object]]) -> None:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build(raw_path: str, queries_path: str, pool_path: str, out_path: str,
-          tokenizer: Tokenizer | None = None, instructions_path: str | None = None,
+def build(raw_path: str, queries_path: str | Sequence[str], pool_path: str | Sequence[str],
+          out_path: str, tokenizer: Tokenizer | None = None,
+          instructions_path: str | None = None,
           cfg: cot.FilterConfig = cot.FilterConfig()) -> Report:
-  """Filters a raw M-BEIR-CoT file and writes the kept and the dropped records.
+  """Filters a raw M-BEIR-CoT file and writes the kept and the dropped records. The queries and
+  the pool may each be one file or several (the per-task files of a split).
 
   Every record is joined before anything is written, so a join error leaves no output behind.
 
@@ -109,8 +124,9 @@ def build(raw_path: str, queries_path: str, pool_path: str, out_path: str,
       that disagrees with it, or a query with no positive in the pool (names file and line).
   """
   raw = cot.read_cot_numbered(raw_path)
+  queries_path, pool_path = _paths(queries_path), _paths(pool_path)
   queries = _first_queries(queries_path)
-  pool = mbeir.load_pool(pool_path)
+  pool = _pools(pool_path)
   table = instruction_lib.load_instructions(instructions_path) if instructions_path else None
   contexts = {qid: _context(rec, f"{raw_path}:{n}", queries, queries_path, pool, pool_path, table)
               for qid, (n, rec) in raw.items()}

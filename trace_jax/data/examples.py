@@ -9,6 +9,7 @@ or with image bytes inline for ArrayRecord shards. Turning an example into token
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 from typing import Any, Iterable
@@ -18,6 +19,8 @@ from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
 CAND_TARGETS = ("none", "answer", "full")  # Candidate-side reasoning (`data.cand_target`).
+COT_MISSING = ("error", "drop")  # A query without an M-BEIR-CoT record (`data.cot_missing`).
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +54,14 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                    instructions: instruction_lib.InstructionTable,
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
                    instruction_mode: str = "first", seed: int = 0, target: str = "full",
-                   cand_target: str = "none", marker: str = "") -> list[TrainExample]:
+                   cand_target: str = "none", marker: str = "",
+                   cot_missing: str = "error") -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
 
-  Every query must have its positive in `pool` and, when `cot` is given, a CoT record (a missing
-  one is an error naming the file and query id: nothing is dropped silently). `target` picks what
+  Every query must have its positive in `pool`. When `cot` is given, a query without a CoT
+  record is an error naming the file and query id, or with `cot_missing="drop"` (an M-BEIR-CoT
+  file that `build_cot` filtered: the queries it dropped are not trained on) it is left out,
+  counted and logged. `target` picks what
   a reasoning example learns: "full", "answer", "reasoning" (`cot.training_target`), or "direct"
   (no reasoning text at all: the direct-only ablation). `cand_target` ("none", "answer", "full"):
   candidate-side reasoning, the paper's ablation. The positive candidate of a reasoning query
@@ -67,8 +73,10 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
     raise ValueError(f"data.cand_target={cand_target!r}; expected one of {CAND_TARGETS}")
   if cand_target != "none" and cot is None:
     raise ValueError(f"data.cand_target={cand_target!r} needs an M-BEIR-CoT file (data.cot_file)")
+  if cot_missing not in COT_MISSING:
+    raise ValueError(f"data.cot_missing={cot_missing!r}; expected one of {COT_MISSING}")
   rng = random.Random(seed)
-  out = []
+  out, dropped = [], 0
   name = os.path.basename(query_file)
   for line, record in mbeir.read_jsonl(query_file):
     where = f"{query_file}:{line}"
@@ -82,19 +90,27 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
     reasoning = cand_reasoning = None
     if cot is not None:
       if query.qid not in cot:
-        raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file")
+        if cot_missing == "drop":
+          dropped += 1
+          continue
+        raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file (set "
+                       "data.cot_missing=drop to train on the queries the file lists)")
       if target != "direct":
         reasoning = cot_lib.training_target(cot[query.qid], target, marker)
       if cand_target != "none":
         cand_reasoning = cot_lib.training_target(cot[query.qid], cand_target, marker)
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
                             reasoning, did, cand.text, cand.image_path, cand_reasoning))
+  if dropped:
+    _log.info("%s: %d of %d queries have no M-BEIR-CoT record and are not trained on "
+              "(data.cot_missing=drop)", query_file, dropped, dropped + len(out))
   return out
 
 
 def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
                instruction_mode: str = "first", seed: int = 0, target: str = "full",
-               cand_target: str = "none", marker: str = "") -> list[TrainExample]:
+               cand_target: str = "none", marker: str = "",
+               cot_missing: str = "error") -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
   reasoning from `cot_file` (None: every example is direct); the keywords as `build_examples`."""
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
@@ -104,5 +120,5 @@ def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None
     pool = mbeir.load_pool(os.path.join(root, pool_file))
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
                           instruction_mode=instruction_mode, seed=seed, target=target,
-                          cand_target=cand_target, marker=marker)
+                          cand_target=cand_target, marker=marker, cot_missing=cot_missing)
   return out

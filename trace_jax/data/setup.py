@@ -96,7 +96,7 @@ def load_examples(data) -> list[TrainExample]:
   cot_file = os.path.join(data.root, data.cot_file) if data.cot_file else None
   return load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
                     seed=data.seed, target=data.target, cand_target=data.cand_target,
-                    marker=marker(data))
+                    marker=marker(data), cot_missing=data.cot_missing)
 
 
 def check_shards_targets(data) -> None:

@@ -29,7 +29,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from trace_jax import sharding
 from trace_jax.data import instructions as instruction_lib
@@ -38,8 +37,7 @@ from trace_jax.data import setup as data_setup
 from trace_jax.eval import distributed, metrics, pools
 from trace_jax.infer.encode import MODES, Encoder, Item
 from trace_jax.infer.retrieval import top_k
-from trace_jax.train import checkpoint
-from trace_jax.train.loop import build
+from trace_jax.train import trained
 
 K_LIST = (1, 5, 10)
 INSTRUCTION_MODES = ("first", "random")
@@ -90,9 +88,7 @@ def eval_mesh(config) -> jax.sharding.Mesh:
 
 def load_model(config, workdir: str):
   """(model with the newest checkpoint's weights, tokenizer, step, mesh), on `eval_mesh`."""
-  s = build(config, eval_mesh(config))
-  state, step = checkpoint.restore_state(workdir, s.state)
-  return nnx.merge(s.graphdef, state.params["model"], state.frozen), s.tok, step, s.mesh
+  return trained.load_model(config, workdir, eval_mesh(config))
 
 
 def query_items(task: mbeir.EvalTask, root: str, mode: str = "first",

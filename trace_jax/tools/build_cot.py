@@ -1,7 +1,8 @@
 """`python -m trace_jax.tools.build_cot`: raw teacher outputs -> filtered M-BEIR-CoT.
 
-    python -m trace_jax.tools.build_cot --in=RAW.jsonl --queries=QUERY.jsonl --pool=POOL.jsonl
-        --out=OUT.jsonl [--tokenizer=tokenizer.json|sp.model] [--instructions=TSV]
+    python -m trace_jax.tools.build_cot --in=RAW.jsonl --queries=QUERY.jsonl[,...]
+        --pool=POOL.jsonl[,...] --out=OUT.jsonl [--tokenizer=tokenizer.json|sp.model]
+        [--instructions=TSV] [--min_confidence=0.7]
 
 Reads RAW (M-BEIR-CoT lines), joins each record by qid with its query and the text of its positive
 candidates, runs `trace_jax.data.cot.filter_record` on reason records (direct records pass
@@ -20,8 +21,9 @@ from trace_jax.data import cot
 from trace_jax.data.cot_build import build, format_report, load_tokenizer
 
 _IN = flags.DEFINE_string("in", None, "Raw teacher outputs in the M-BEIR-CoT format.")
-_QUERIES = flags.DEFINE_string("queries", None, "M-BEIR query JSONL holding every raw qid.")
-_POOL = flags.DEFINE_string("pool", None, "M-BEIR candidate pool holding the queries' positives.")
+_QUERIES = flags.DEFINE_list("queries", None, "M-BEIR query JSONL file(s) holding every raw qid.")
+_POOL = flags.DEFINE_list("pool", None,
+                          "M-BEIR candidate pool file(s) holding the queries' positives.")
 _OUT = flags.DEFINE_string("out", None, "Filtered M-BEIR-CoT output (JSONL).")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "tokenizer.json or SentencePiece .model for the length rule; "

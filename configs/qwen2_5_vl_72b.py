@@ -1,0 +1,13 @@
+"""Qwen2.5-VL-72B with its published dimensions: the teacher users pick for M-BEIR-CoT
+(Think-Then-Embed's reasoner-teacher), also trainable as a retriever backbone.
+
+Usage: --config=configs/qwen2_5_vl_72b.py[:dtype=bfloat16,param_dtype=float32,remat=full]
+"""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+  text = common.text_model(vocab_size=152064, width=8192, mlp_dim=29568, num_layers=80,
+                           num_heads=64, num_kv_heads=8, tie_embeddings=False)
+  return common.released_model_config(arg, "qwen2_5_vl", text)

@@ -1,0 +1,94 @@
+"""What the teacher works on: M-BEIR training queries joined with their positive candidate.
+
+The queries come from (query file, pool file) pairs under an M-BEIR root (the per-dataset
+training files with the union training pool, or the demo world's); a qid repeated in a file (the
+up-sampled union) is taken once. Only the positives the queries name are kept from the pool, so
+the 478 MB union pool is streamed, not held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+from trace_jax.data import instructions as instruction_lib
+from trace_jax.data import mbeir
+
+DATASET_NAMES = {i: name for name, i in mbeir.DATASET_IDS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeachItem:
+  """A query and what the teacher may see of it."""
+
+  qid: str
+  task_id: int
+  dataset: str  # `mbeir.DATASET_IDS` name, e.g. "CIRR".
+  where: str  # "<query file>:<line>": errors and skips name it.
+  instruction: str  # The task's first instruction prompt (formatted).
+  query_text: str  # The raw query text ("" for image-only queries).
+  query_image: str | None  # Relative to the M-BEIR root.
+  target_text: str  # The positive's text ("" for an image-only positive).
+  target_image: str | None
+
+  @property
+  def task_key(self) -> str:
+    """`DATASET:task`, as `assess.reason` names routes."""
+    return f"{self.dataset}:{self.task_id}"
+
+
+def wanted(dataset: str, datasets: Sequence[str]) -> bool:
+  """Whether `--datasets` (lowercase names; empty: all) selects a dataset."""
+  return not datasets or dataset.lower() in {d.lower() for d in datasets}
+
+
+def load_items(root: str, files: Sequence[Sequence[str]],
+               datasets: Sequence[str] = ()) -> list[TeachItem]:
+  """The queries of every (query file, pool file) pair, in file order, from the selected
+  datasets, each with its first positive that the pool holds (one whose dataset prefix matches
+  the qid's when there is one, as UniIR picks).
+
+  Raises:
+    MBEIRFormatError: a malformed line (names file and line).
+    KeyError: a query none of whose positives is in its pool (names file, line and qid).
+  """
+  table = instruction_lib.load_instructions(mbeir.instructions_file(root))
+  out, seen = [], set()
+  for query_file, pool_file in files:
+    path = os.path.join(root, query_file)
+    queries = []
+    for n, record in mbeir.read_jsonl(path):
+      query = mbeir.parse_query(record, f"{path}:{n}")
+      if query.qid in seen or not wanted(DATASET_NAMES[query.dataset_id], datasets):
+        continue
+      seen.add(query.qid)
+      queries.append((n, query))
+    needed = {did for _, q in queries for did in q.pos_cand_list}
+    pool = _positives(os.path.join(root, pool_file), needed)
+    for n, q in queries:
+      out.append(_item(q, f"{query_file}:{n}", pool, table))
+  return out
+
+
+def _positives(path: str, needed: set[str]) -> dict[str, mbeir.Candidate]:
+  """The candidates of a pool file whose dids are in `needed` (one pass, nothing else kept)."""
+  out = {}
+  for n, record in mbeir.read_jsonl(path):
+    if record.get("did") in needed:
+      cand = mbeir.parse_candidate(record, f"{path}:{n}")
+      out[cand.did] = cand
+  return out
+
+
+def _item(q: mbeir.Query, where: str, pool: dict[str, mbeir.Candidate],
+          table: instruction_lib.InstructionTable) -> TeachItem:
+  held = [pool[d] for d in q.pos_cand_list if d in pool]
+  if not held:
+    raise KeyError(f"{where}: no positive of qid {q.qid} {list(q.pos_cand_list)} is in its pool")
+  same = [c for c in held if c.dataset_id == q.dataset_id]
+  pos = (same or held)[0]
+  instruction = instruction_lib.instruction_for(q, instruction_lib.target_modality(q.task_id),
+                                                table, mode="first")
+  return TeachItem(q.qid, q.task_id, DATASET_NAMES[q.dataset_id], where, instruction,
+                   q.text or "", q.image_path, pos.text or "", pos.image_path)

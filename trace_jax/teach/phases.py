@@ -1,0 +1,363 @@
+"""The teacher's three phases and the merge into the raw M-BEIR-CoT file (TRACE.md, "Building
+M-BEIR-CoT").
+
+- `assess`: a route per query, `reason` or `direct`: by dataset (and task) as the paper did in
+  practice (`assess.reason`), or by asking the teacher whether the query needs reasoning
+  (`assess.mode=teacher`: its probability of "yes" above `assess.threshold`).
+- `generate`: the reason queries through the generation engine with their sub-task's template,
+  the template's head prefilled once per sub-task; the output is kept up to `</answer>`.
+- `verify`: the verifier (the same engine's prefill; the teacher itself unless another model is
+  given) reads each output with its sub-task's verifier template and the positive (its image or
+  text) and writes its probability of "yes" as `confidence`.
+- `merge`: every query with its route, teacher output and confidence, in query-file order: the
+  raw file `tools/build_cot` filters.
+
+Each process takes a strided share of the queries and writes its own shards (`shards.py`), so a
+killed run resumes where it stopped and several processes split the work without talking; a
+missing image or a prompt too long for the buckets stops the run naming the query, or under
+`data.on_bad_example=skip` is written to the `skipped` shards with its reason and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+import zlib
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trace_jax.data import image as image_lib
+from trace_jax.data.prompts import PromptTooLongError
+from trace_jax.generate import Engine, Request, Sampling, batching
+from trace_jax.generate.engine import prefill
+from trace_jax.teach import shards
+from trace_jax.teach.items import TeachItem
+from trace_jax.teach.prompting import (Template, chat_ids, first_token_ids, teacher_output,
+                                       trace_ids)
+
+RAW_FILE = "mbeir_cot_raw.jsonl"
+REPORT_FILE = "teach_report.json"
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Teacher:
+  """A loaded teacher: model, tokenizer, the mesh of this process's devices, the image grid its
+  images are resized to, the M-BEIR root they are read under, and how it is prompted (`tagged`
+  chat templates, or `trace`: a TRACE model's own query prompt, `compact` as it was trained)."""
+
+  model: Any
+  tok: Any
+  mesh: Any
+  grid: tuple[int, int, int]
+  root: str
+  output_format: str = "tagged"
+  compact: bool = False
+
+  @property
+  def image_tokens(self) -> int:
+    return int(np.prod(self.grid)) // self.model.cfg.vision.spatial_merge_size**2
+
+  @functools.cached_property
+  def split(self):
+    """The model split once (`nnx.split`) for the jitted prefill."""
+    return nnx.split(self.model)
+
+
+class BadItem(ValueError):
+  """A query the teacher cannot be given (its image is missing, its prompt too long)."""
+
+
+class Progress:
+  """A progress line every `every` seconds: done/total, queries/s, tokens/s, skipped."""
+
+  def __init__(self, phase: str, total: int, every: float):
+    self.phase, self.total, self.every = phase, total, every
+    self.start = self.last = time.perf_counter()
+    self.done = self.tokens = self.skipped = 0
+
+  def add(self, done: int = 0, tokens: int = 0, skipped: int = 0, force: bool = False) -> None:
+    self.done, self.tokens, self.skipped = (self.done + done, self.tokens + tokens,
+                                            self.skipped + skipped)
+    now = time.perf_counter()
+    if force or now - self.last >= self.every:
+      self.last, elapsed = now, max(now - self.start, 1e-9)
+      print(f"[{self.phase}] process {jax.process_index()}: {self.done}/{self.total} queries, "
+            f"{self.done / elapsed:.2f} queries/s, {self.tokens / elapsed:.1f} tokens/s, "
+            f"{self.skipped} skipped", flush=True)
+
+
+def my_share(items: list[TeachItem], done: set[str]) -> list[TeachItem]:
+  """This process's strided share of the items not yet done."""
+  todo = [it for it in items if it.qid not in done]
+  return todo[jax.process_index()::jax.process_count()]
+
+
+def seed_of(qid: str, seed: int) -> int:
+  """A query's own sampling seed: its output does not depend on where it ran."""
+  return (seed + zlib.crc32(qid.encode())) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------- assess
+
+
+def assess(config, teacher: Teacher | None, items: list[TeachItem], out_dir: str) -> None:
+  """Writes a route for each query of this process's share."""
+  shard = shards.Shard(out_dir, "routes")
+  mine = my_share(items, shard.done)
+  progress = Progress("assess", len(mine), config.progress_seconds)
+  if config.assess.mode == "dataset":
+    reason = set(config.assess.reason)
+    shard.write({"qid": it.qid, "task_id": it.task_id,
+                 "route": "reason" if {it.dataset, it.task_key} & reason else "direct"}
+                for it in mine)
+    progress.add(len(mine), force=True)
+  elif config.assess.mode == "teacher":
+    template = Template(**config.assess.template)
+    for batch, confidence in _yes_probabilities(config, teacher, mine, template, progress):
+      shard.write({"qid": it.qid, "task_id": it.task_id, "p_reason": round(float(p), 6),
+                   "route": "reason" if p > config.assess.threshold else "direct"}
+                  for it, p in zip(batch, confidence))
+  else:
+    raise ValueError(f"assess.mode={config.assess.mode!r}; expected 'dataset' or 'teacher'")
+  shard.close()
+
+
+def routes(out_dir: str, items: list[TeachItem]) -> dict[str, str]:
+  """Every query's route; raises when some query has none (run the assess phase first)."""
+  got = {r["qid"]: r["route"] for r in shards.read(out_dir, "routes")}
+  missing = [it.qid for it in items if it.qid not in got]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} queries have no route in {out_dir} (e.g. "
+                            f"{missing[:3]}): run --phase=assess first")
+  return got
+
+
+# ------------------------------------------------------------------------------------- generate
+
+
+def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> None:
+  """Writes the teacher output of each reason query of this process's share."""
+  route = routes(out_dir, items)
+  shard, skipped = shards.Shard(out_dir, "generated"), shards.Shard(out_dir, "skipped")
+  mine = my_share([it for it in items if route[it.qid] == "reason"], shard.done | skipped.done)
+  g = config.generate
+  progress = Progress("generate", len(mine), config.progress_seconds)
+  stops, stop_strings = _stops(teacher, g)
+  by_template = collections.defaultdict(list)
+  for it in mine:
+    by_template[_template_name(config.templates_for, it)].append(it)
+  for name, group in by_template.items():
+    template = Template(**config.templates[name])
+    requests, prefix = _requests(config, teacher, template, group, skipped, progress)
+    if not requests:
+      continue
+    engine = Engine(teacher.model, capacity=g.slots, max_new_tokens=g.max_new_tokens,
+                    cache_len=len(prefix) + max(g.prompt_buckets) + g.max_new_tokens,
+                    stop_ids=stops, sampling=Sampling(g.temperature, g.top_k, g.top_p),
+                    chunk=g.chunk, mesh=teacher.mesh,
+                    one_device_rows=max(1, g.batch_size // teacher.mesh.size))
+    for f in engine.run(requests, grid=teacher.grid, buckets=g.prompt_buckets,
+                        batch_size=g.batch_size, stop_strings=stop_strings,
+                        decode=teacher.tok.decode, prefix=prefix):
+      it = f.tag
+      text = teacher.tok.decode([t for t in f.tokens if t not in stops])
+      shard.write([{"qid": it.qid, "task_id": it.task_id, "route": "reason",
+                    "teacher_output": teacher_output(text, teacher.output_format),
+                    "new_tokens": len(f.tokens), "capped": f.capped}])
+      progress.add(1, len(f.tokens))
+  progress.add(force=True)
+  shard.close()
+  skipped.close()
+
+
+def _stops(teacher: Teacher, g) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """Stop ids and strings: a TRACE teacher stops at `<|emb|>`; a chat teacher at the end of its
+  turn and at `</answer>`."""
+  if teacher.output_format == "trace":
+    return (teacher.tok.emb_id,), ()
+  ids = []
+  for token in ("<|im_end|>", "<|endoftext|>"):
+    try:
+      ids.append(teacher.tok.token_to_id(token))
+    except KeyError:
+      pass
+  return tuple(ids), tuple(g.stop_strings)
+
+
+def _template_name(templates_for, it: TeachItem) -> str:
+  """The template of a query: by `DATASET:task`, then by task id, then "default"."""
+  for key in (it.task_key, str(it.task_id), "default"):
+    if key in templates_for:
+      return templates_for[key]
+  raise KeyError(f"{it.where}: no template for {it.task_key} (config templates_for)")
+
+
+def _requests(config, teacher: Teacher, template: Template, group: list[TeachItem],
+              skipped: shards.Shard, progress: Progress) -> tuple[list[Request], list[int]]:
+  """Engine requests of the group (bad ones skipped or raised) and their shared prefix."""
+  out, prefix = [], []
+  for it in group:
+    try:
+      ids, shared, pixels = _prompt(teacher, template, it, config.generate.prompt_buckets,
+                                    answer="")
+    except BadItem as e:
+      _skip(config, skipped, it, e, progress)
+      continue
+    if teacher.output_format == "tagged":
+      prefix = ids[:shared]
+    out.append(Request(ids, pixels, seed_of(it.qid, config.seed), it))
+  return out, prefix
+
+
+def _prompt(teacher: Teacher, template: Template, it: TeachItem, buckets, answer: str,
+            prefixed: bool = True):
+  """(prompt ids, shared prefix length, pixels or None) of a query; BadItem when its image is
+  missing or unreadable or the prompt (after the shared prefix when `prefixed`) does not fit the
+  largest bucket."""
+  image = template.image_of(it) if teacher.output_format == "tagged" else it.query_image
+  pixels = None
+  if image is not None:
+    path = os.path.join(teacher.root, image)
+    if not os.path.isfile(path):
+      raise BadItem(f"image not found: {path}")
+    try:
+      pixels = image_lib.resize_to_grid(path, teacher.grid[1:])[0]
+    except ValueError as e:
+      raise BadItem(str(e)) from e
+  n_img = teacher.image_tokens if image is not None else 0
+  if teacher.output_format == "trace":
+    ids, shared = trace_ids(teacher.tok, it, n_img, teacher.compact), 0
+  else:
+    ids, shared = chat_ids(teacher.tok, template.head, n_img, template.fill(it, answer))
+  length = len(ids) - (shared if prefixed else 0)
+  if length > max(buckets):
+    raise BadItem(str(PromptTooLongError(f"a prompt of {length} tokens (past any shared prefix) "
+                                         f"is longer than the largest bucket {max(buckets)}")))
+  return ids, shared, pixels
+
+
+def _skip(config, skipped: shards.Shard, it: TeachItem, error: Exception,
+          progress: Progress) -> None:
+  reason = f"{it.where} (query {it.qid}): {error}"
+  if config.data.on_bad_example != "skip":
+    raise BadItem(reason) from error
+  _log.warning("skipped %s", reason)
+  skipped.write([{"qid": it.qid, "task_id": it.task_id, "reason": reason}])
+  progress.add(skipped=1)
+
+
+# --------------------------------------------------------------------------------------- verify
+
+
+def verify(config, verifier: Teacher, items: list[TeachItem], out_dir: str) -> None:
+  """Writes the verifier's confidence for each generated output of this process's share."""
+  outputs = {r["qid"]: r["teacher_output"] for r in shards.read(out_dir, "generated")}
+  shard, skipped = shards.Shard(out_dir, "verified"), shards.Shard(out_dir, "skipped")
+  todo = [it for it in items if it.qid in outputs]
+  mine = my_share(todo, shard.done | skipped.done)
+  progress = Progress("verify", len(mine), config.progress_seconds)
+  by_template = collections.defaultdict(list)
+  for it in mine:
+    by_template[_template_name(config.verify.templates_for, it)].append(it)
+  for name, group in by_template.items():
+    template = Template(**config.verify.templates[name])
+    answer = lambda it: _answer_of(outputs[it.qid])  # noqa: E731
+    for batch, p in _yes_probabilities(config, verifier, group, template, progress, answer,
+                                       skipped):
+      shard.write({"qid": it.qid, "confidence": round(float(x), 6)} for it, x in zip(batch, p))
+  progress.add(force=True)
+  shard.close()
+  skipped.close()
+
+
+def _answer_of(output: str) -> str:
+  start, end = output.find("<answer>"), output.find("</answer>")
+  return output[start + len("<answer>"):end].strip() if 0 <= start < end else output
+
+
+def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], template: Template,
+                       progress: Progress, answer: Callable[[TeachItem], str] = lambda it: "",
+                       skipped: shards.Shard | None = None
+                       ) -> Iterable[tuple[list[TeachItem], np.ndarray]]:
+  """Batches of items with P(yes) / (P(yes) + P(no)) of the teacher's first answer token after
+  the template's prompt (chat format, whatever the teacher's output format)."""
+  yes = first_token_ids(teacher.tok, config.verify.yes_words)
+  no = first_token_ids(teacher.tok, config.verify.no_words)
+  chat = dataclasses.replace(teacher, output_format="tagged")
+  buckets, size = config.verify.prompt_buckets, config.generate.batch_size
+  layout = batching.image_layout(teacher.model.cfg, teacher.grid)
+  for kind in (False, True):  # Without images, then with: a batch runs the tower only if needed.
+    group = [it for it in items if (template.image_of(it) is not None) == kind]
+    for start in range(0, len(group), size):
+      batch, seqs, images = [], [], []
+      for it in group[start:start + size]:
+        try:
+          ids, _, pixels = _prompt(chat, template, it, buckets, answer(it), prefixed=False)
+        except BadItem as e:
+          if skipped is None:
+            raise BadItem(f"{it.where} (query {it.qid}): {e}") from e
+          _skip(config, skipped, it, e, progress)
+          continue
+        batch.append(it)
+        seqs.append(ids)
+        images.append(pixels)
+      if not batch:
+        continue
+      packed = batching.pack(seqs, images, teacher.model.cfg, teacher.grid,
+                             batching.bucket(len(batch)), buckets)
+      with jax.set_mesh(teacher.mesh):
+        _, logits, _ = prefill(*teacher.split, *batching.on_devices(packed, teacher.mesh),
+                               None if packed.pixels is None else layout,
+                               jnp.asarray(packed.lengths - 1))
+      probs = np.asarray(jax.nn.softmax(logits, axis=-1))[:len(batch)]
+      p_yes, p_no = probs[:, yes].sum(1), probs[:, no].sum(1)
+      progress.add(len(batch))
+      yield batch, p_yes / np.maximum(p_yes + p_no, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+
+def merge(items: list[TeachItem], out_dir: str) -> dict:
+  """Writes the raw M-BEIR-CoT file (every routed query in file order: direct ones with no
+  output; reason ones with their output and confidence, when generated) and the report."""
+  route = routes(out_dir, items)
+  generated = {r["qid"]: r for r in shards.read(out_dir, "generated")}
+  confidence = {r["qid"]: r["confidence"] for r in shards.read(out_dir, "verified")}
+  skipped = {r["qid"]: r["reason"] for r in shards.read(out_dir, "skipped")}
+  counts = collections.Counter()
+  path = os.path.join(out_dir, RAW_FILE)
+  with open(path + ".partial", "w", encoding="utf-8") as f:
+    for it in items:
+      record = {"qid": it.qid, "task_id": it.task_id, "route": route[it.qid],
+                "teacher_output": None}
+      if route[it.qid] == "reason":
+        if it.qid not in generated:
+          counts["skipped" if it.qid in skipped else "not_generated"] += 1
+          continue
+        record["teacher_output"] = generated[it.qid]["teacher_output"]
+        if it.qid in confidence:
+          record["confidence"] = confidence[it.qid]
+      counts[route[it.qid]] += 1
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(path + ".partial", path)
+  conf = [confidence[q] for q in generated if q in confidence]
+  report = {"queries": len(items), "written": counts["reason"] + counts["direct"],
+            "reason": counts["reason"], "direct": counts["direct"],
+            "skipped": counts["skipped"], "not_generated": counts["not_generated"],
+            "capped": sum(bool(r.get("capped")) for r in generated.values()),
+            "verified": len(conf), "mean_confidence": float(np.mean(conf)) if conf else None,
+            "above_0.7": sum(c > 0.7 for c in conf), "raw_file": path}
+  with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
+    json.dump(report, f, indent=2)
+  return report

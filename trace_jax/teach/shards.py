@@ -1,0 +1,61 @@
+"""Resumable JSON-lines output: each process appends to its own shard of each phase's records.
+
+A phase's records live in `OUT/<phase>.p<i>of<n>.jsonl`, one JSON object per line with a `qid`.
+A process killed mid-write leaves at most a partial last line, which the next run cuts off; the
+qids already written (by any process of any earlier run, whatever its process count) are done and
+never redone, so a rerun finishes the rest without duplicating a record. Lines are flushed as
+they are written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable, Iterator
+
+import jax
+
+
+def shard_paths(out_dir: str, phase: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(out_dir, f"{phase}.p*of*.jsonl")))
+
+
+def read(out_dir: str, phase: str) -> Iterator[dict]:
+  """Every complete record of a phase, shard by shard (a partial last line is skipped)."""
+  for path in shard_paths(out_dir, phase):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.endswith("\n"):
+          yield json.loads(line)
+
+
+class Shard:
+  """This process's shard of a phase: the qids done so far (every shard's), and `write`."""
+
+  def __init__(self, out_dir: str, phase: str):
+    os.makedirs(out_dir, exist_ok=True)
+    self.path = os.path.join(out_dir, f"{phase}.p{jax.process_index()}of"
+                                      f"{jax.process_count()}.jsonl")
+    _cut_partial_line(self.path)
+    self.done = {r["qid"] for r in read(out_dir, phase)}
+    self._file = open(self.path, "a", encoding="utf-8")
+
+  def write(self, records: Iterable[dict]) -> None:
+    for r in records:
+      self._file.write(json.dumps(r, ensure_ascii=False) + "\n")
+      self.done.add(r["qid"])
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _cut_partial_line(path: str) -> None:
+  """Truncates a file after its last newline (what a kill mid-write leaves behind)."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
