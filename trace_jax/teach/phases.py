@@ -97,9 +97,10 @@ class Progress:
 
 
 def my_share(items: list[TeachItem], done: set[str]) -> list[TeachItem]:
-  """This process's strided share of the items not yet done."""
-  todo = [it for it in items if it.qid not in done]
-  return todo[jax.process_index()::jax.process_count()]
+  """The items of this process's strided share (by position in `items`, the same in every
+  process whatever each has seen written) not yet done."""
+  p, n = jax.process_index(), jax.process_count()
+  return [it for i, it in enumerate(items) if i % n == p and it.qid not in done]
 
 
 def seed_of(qid: str, seed: int) -> int:
