@@ -53,3 +53,17 @@ def test_tiny_step_compiles_for_v5e(tmp_path):
   assert result["hbm_bytes"] == 16 * 2**30
   assert 0 < result["per_device_bytes"] < result["hbm_bytes"]
   assert result["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+
+
+def test_tiny_generation_compiles_for_v5e():
+  """The engine's prefill and decode programs compile for a TPU slice (a teacher's sizing)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "trace_jax.tools.aot_compile", *TINY,
+                         "--topology=v5e-4", "--generation", "--slots=4", "--prefill_batch=2",
+                         "--prompt_len=64", "--new_tokens=32"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["fits"] and result["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert result["weight_bytes"] > 0 and result["decode_buffer_bytes"] > 0
+  assert result["per_device_bytes"] >= max(result["prefill_bytes"], result["decode_bytes"])

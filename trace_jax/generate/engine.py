@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from trace_jax import sharding
 from trace_jax.generate import batching
@@ -120,8 +121,8 @@ def _from_prefix(prefix: KVCache, rows: int, max_len: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
                    donate_argnums=(2,))
-def _decode_chunk(graphdef, state, buf: Slots, stop_ids, refill_at, *,
-                  sampling: Sampling, steps: int):
+def decode_chunk(graphdef, state, buf: Slots, stop_ids, refill_at, *,
+                 sampling: Sampling, steps: int):
   """Up to `steps` tokens for every active row; ends early when no row is active or when
   `refill_at` rows have finished. Returns (buffer, tokens written [R, steps], -1 where none)."""
   model = nnx.merge(graphdef, state)
@@ -186,7 +187,7 @@ def _deactivate(buf: Slots, rows) -> Slots:
   return dataclasses.replace(buf, active=buf.active.at[rows].set(False))
 
 
-def _empty(cfg, rows: int, cache_len: int) -> Slots:
+def empty_slots(cfg, rows: int, cache_len: int) -> Slots:
   return Slots(KVCache.zeros(cfg, rows, cache_len, per_row=True), jnp.zeros((rows,), jnp.int32),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
@@ -274,7 +275,7 @@ class Engine:
       held = self._resize(held, len(held))
     split = self._one_split if self._on_one else self._split
     with jax.set_mesh(self.mesh) if self.mesh is not None and not self._on_one else _nothing():
-      self._buf, written = _decode_chunk(
+      self._buf, written = decode_chunk(
         *split, self._buf, self.stop_ids, jnp.int32(refill_at or len(self._tags) + 1),
         sampling=self.sampling, steps=self.chunk)
     written, active = np.asarray(written), np.asarray(self._buf.active)
@@ -396,7 +397,7 @@ class Engine:
     or the mesh as its size asks; returns the rows' new indices."""
     size = max(self._size(n), len(held))
     if self._buf is None:
-      self._buf, self._tags, self._tokens = (_empty(self.model.cfg, size, self.cache_len),
+      self._buf, self._tags, self._tokens = (empty_slots(self.model.cfg, size, self.cache_len),
                                              [None] * size, [[] for _ in range(size)])
       self._buf = self._placed(self._buf, size)
       return []
@@ -453,22 +454,33 @@ def _cut_at_string(f: Finished, stop_strings, decode) -> Finished:
   return dataclasses.replace(f, tokens=f.tokens[:n])
 
 
+def cache_shardings(cache: KVCache, mesh) -> KVCache:
+  """NamedShardings of a cache on `mesh`: rows over the batch axes, KV heads over `tensor`."""
+  def named(x, names):
+    return NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh))
+  return KVCache(named(cache.k_lbksh, (None, "act_batch", "act_kv_heads", None, None)),
+                 named(cache.v_lbksh, (None, "act_batch", "act_kv_heads", None, None)),
+                 named(cache.valid_bs, ("act_batch", None)),
+                 named(cache.index, ("act_batch",) if cache.index.ndim else ()),
+                 named(cache.next_position_b, ("act_batch",)))
+
+
+def slots_shardings(buf: Slots, mesh) -> Slots:
+  """NamedShardings of a decode buffer on `mesh` (its rows over the batch axes)."""
+  def row(x, extra=0):
+    return NamedSharding(mesh, sharding.logical_to_spec(("act_batch",) + (None,) * extra,
+                                                        x.shape, mesh))
+  return Slots(cache_shardings(buf.cache, mesh), row(buf.tokens), row(buf.counts),
+               row(buf.active), row(buf.seeds), row(buf.limits), row(buf.hidden, 1),
+               row(buf.capped))
+
+
 def _put_cache(cache: KVCache, mesh) -> KVCache:
-  put = functools.partial(sharding.put, mesh=mesh)
-  rows = (None, "act_batch", None, None, None)
-  index = ("act_batch",) if cache.index.ndim else ()
-  return KVCache(put(cache.k_lbksh, names=rows), put(cache.v_lbksh, names=rows),
-                 put(cache.valid_bs, names=("act_batch", None)), put(cache.index, names=index),
-                 put(cache.next_position_b, names=("act_batch",)))
+  return jax.device_put(cache, cache_shardings(cache, mesh))
 
 
 def _put_slots(buf: Slots, mesh) -> Slots:
-  put = functools.partial(sharding.put, mesh=mesh)
-  row = ("act_batch",)
-  return Slots(_put_cache(buf.cache, mesh), put(buf.tokens, names=row),
-               put(buf.counts, names=row), put(buf.active, names=row), put(buf.seeds, names=row),
-               put(buf.limits, names=row), put(buf.hidden, names=("act_batch", None)),
-               put(buf.capped, names=row))
+  return jax.device_put(buf, slots_shardings(buf, mesh))
 
 
 def _replica_device(state, mesh: jax.sharding.Mesh | None):

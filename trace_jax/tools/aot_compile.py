@@ -1,9 +1,15 @@
-"""`python -m trace_jax.tools.aot_compile --config=FILE[:ARGS] --topology=v5p-128`.
+"""`python -m trace_jax.tools.aot_compile --config=FILE[:ARGS] --topology=v5p-128 [--generation]`.
 
 Compiles the real TRACE train step ahead of time for a TPU slice on a CPU-only machine (libtpu
 compile-only devices), with the config's mesh, shardings and bucket shapes, and prints as its last
 line one JSON object: topology, per_device_bytes (arguments + outputs + temporaries - donated
 aliases), hbm_bytes, fits, model_tflops_per_step (analytic; see `model_flops`). It runs nothing.
+
+With `--generation` it compiles the generation engine instead (a teacher's programs): the
+prefill of `--prefill_batch` prompts of `--prompt_len` tokens with one image of the config's
+`data.image_grid`, and a decode chunk of `--slots` rows with caches of `--prompt_len` +
+`--new_tokens` slots; it reports each program's bytes, the decode buffer's, and whether the
+buffer plus the larger program fit (`fits`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Slice name, e.g. v5e-256, v5p-128, v4-64.")
+_GENERATION = flags.DEFINE_bool("generation", False, "Compile the generation engine's programs.")
+_SLOTS = flags.DEFINE_integer("slots", 16, "Generation: rows decoding at once.")
+_PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 8, "Generation: prompts per prefill.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Generation: prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 384, "Generation: new tokens per row.")
 
 GIB = 2**30
 # Per-chip HBM and how a slice name counts: v4/v5p names count TensorCores (2 per chip).
@@ -105,9 +116,76 @@ def compile_step(config, topology: str):
   return compiled, mesh, chip, factory.model_config(config)
 
 
+def compile_generation(config, topology: str, slots: int, prefill_batch: int, prompt_len: int,
+                       new_tokens: int) -> dict:
+  """Bytes per device of the engine's prefill and decode programs for a TPU slice."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding
+
+  from trace_jax import sharding
+  from trace_jax.generate import Sampling, batching, engine
+  from trace_jax.model import factory
+  from trace_jax.model.qwen_vl import QwenVL
+  from trace_jax.train import setup
+
+  name, chip = topology_name(topology)
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            devices=devices)
+  cfg = factory.model_config(config)
+  grid = tuple(config.data.image_grid)
+  with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))))
+    state = setup.with_shardings(state, sharding.state_shardings(state, mesh))
+
+    def rows(shape, dtype, names):
+      spec = sharding.logical_to_spec(names, shape, mesh)
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    b, t = prefill_batch, prompt_len
+    patches = int(np.prod(grid))
+    inputs = (rows((b, t), np.int32, ("act_batch", None)),
+              rows((b, t), np.int32, ("act_batch", None)),
+              rows((3, b, t), np.int32, (None, "act_batch", None)),
+              rows((b, patches, cfg.vision.patch_dim), np.float32, ("act_batch", None, None)),
+              batching.image_layout(cfg, grid), rows((b,), np.int32, ("act_batch",)))
+    buf = jax.eval_shape(lambda: engine.empty_slots(cfg, slots, prompt_len + new_tokens))
+    buf = setup.with_shardings(buf, engine.slots_shardings(buf, mesh))
+    with jax.set_mesh(mesh):
+      prefill = engine.prefill.lower(graphdef, state, *inputs, max_len=t).compile()
+      decode = engine.decode_chunk.lower(
+        graphdef, state, buf, np.asarray([0], np.int32), np.int32(slots + 1),
+        sampling=Sampling(), steps=16).compile()
+
+  def total(compiled):
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+  per_device = lambda tree: sum(  # noqa: E731
+    int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree))
+  weights, buffer = per_device(state), per_device(buf)
+  prefill_bytes, decode_bytes = total(prefill), total(decode)
+  need = max(prefill_bytes + buffer, decode_bytes)
+  return {"topology": topology, "mesh": dict(mesh.shape), "weight_bytes": weights,
+          "decode_buffer_bytes": buffer, "prefill_bytes": int(prefill_bytes),
+          "decode_bytes": int(decode_bytes), "per_device_bytes": int(need),
+          "hbm_bytes": chip["hbm"], "fits": bool(need <= chip["hbm"]),
+          "slots": slots, "prefill_batch": b, "prompt_len": t, "new_tokens": new_tokens}
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  if _GENERATION.value:
+    print(json.dumps(compile_generation(config, _TOPOLOGY.value, _SLOTS.value,
+                                        _PREFILL_BATCH.value, _PROMPT_LEN.value,
+                                        _NEW_TOKENS.value)))
+    return
   compiled, mesh, chip, model_cfg = compile_step(config, _TOPOLOGY.value)
   mem = compiled.memory_analysis()
   per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
