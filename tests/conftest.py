@@ -9,6 +9,8 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
+from trace_jax import devices  # noqa: E402
+devices.split_cpu(8)  # Keeps the 8 above; two pool threads per device, or collectives deadlock.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
@@ -18,10 +20,9 @@ from trace_jax import sharding  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # A compilation cache for this process only: modules recompile programs after
-# `_release_executables`, and the cache serves them again. Not shared across runs: with jax
-# 0.10.2, sharded XLA:CPU programs that one process wrote deadlock when another loads them, the
-# devices waiting in different collectives until XLA aborts (tests/train/test_step.py passed
-# over an empty shared cache and aborted when run again over the entries it wrote; README).
+# `_release_executables`, and the cache serves them again. (Programs loaded from the cache used
+# to deadlock in their collectives; `devices.split_cpu` gives XLA:CPU the pool threads they need,
+# tests/test_cpu_collectives.py. A per-process cache keeps runs independent all the same.)
 _CACHE_DIR = tempfile.mkdtemp(prefix="trace_jax_test_jit_cache_")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)

@@ -1,6 +1,7 @@
 """Tests of process set-up (`trace_jax.devices`): `huge_page_malloc` re-executes the process with
 glibc's huge-page tunable, keeps its command line and the caller's tunables, respects an explicit
-choice, and the re-executed process really faults in a large malloc 2 MiB at a time."""
+choice, and the re-executed process really faults in a large malloc 2 MiB at a time; `split_cpu`
+keeps the user's XLA flags and gives XLA:CPU's thread pools two threads per fake device."""
 
 import json
 import os
@@ -70,3 +71,40 @@ def test_explicit_choice_is_kept(tmp_path):
 @pytest.mark.skipif(devices.huge_pages_supported(), reason="this machine supports huge-page malloc")
 def test_no_reexec_where_unsupported(tmp_path):
   assert _run_child(tmp_path)["tunables"] is None
+
+
+def test_split_cpu_keeps_user_flags_and_sizes_the_pools(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_cpu_enable_fast_math=false")
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
+  monkeypatch.delenv("NPROC", raising=False)
+  devices.split_cpu(8)
+  assert os.environ["XLA_FLAGS"].split() == [
+    "--xla_dump_to=/tmp/d", "--xla_cpu_enable_fast_math=false",
+    "--xla_force_host_platform_device_count=8"]
+  assert int(os.environ["PJRT_NPROC"]) == max(16, len(os.sched_getaffinity(0)))
+
+
+def test_split_cpu_sizes_the_pools_for_a_count_the_user_set(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
+  monkeypatch.setenv("NPROC", "2")
+  devices.split_cpu(8)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  assert os.environ["PJRT_NPROC"] == "8"
+
+
+def test_split_cpu_keeps_an_explicit_pool_size(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("PJRT_NPROC", "3")
+  devices.split_cpu(8)
+  assert os.environ["PJRT_NPROC"] == "3"
+
+
+def test_split_cpu_leaves_one_device_alone(monkeypatch):
+  for n in (0, 1):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("PJRT_NPROC", raising=False)
+    devices.split_cpu(n)
+    assert os.environ.get("XLA_FLAGS", "") == ("" if n == 0 else
+                                               "--xla_force_host_platform_device_count=1")
+    assert "PJRT_NPROC" not in os.environ

@@ -51,22 +51,24 @@ def split_cpu(n: int) -> None:
   for more than one device, sets `PJRT_NPROC` so that XLA:CPU's thread pools hold twice as many
   threads as devices (or one per core, if more). A PJRT_NPROC already set is kept.
 
-  XLA:CPU runs the collectives of its devices as rendezvous that block a pool thread each, and
-  sizes its pools (client and intra-op) to max(cores, devices): one thread per device on a 2-core
-  machine. That is enough only while no device blocks in two collectives at once and nothing else
-  holds a pool thread; jax 0.10.2 breaks both, and a device whose collective finds no free thread
-  never arrives, so the others wait until XLA aborts ("may be stuck", "Termination timeout"):
-  - collectives run out of order: a program loaded from the persistent compilation cache (even in
-    its own process, after `jax.clear_caches`) loses the ordering between a while loop's
-    collectives and the rest (XLA's thunk_proto_serdes.cc deserialises loop bodies with a
-    collective-ordering resource of their own), and a fresh program orders a collective after a
-    loop only by a scheduling edge, released when the loop starts. Seen (train step, fsdp=8,
-    loaded from the cache): all 8 intra-op threads blocked, 7 devices in the scanned layers'
-    all-gather, 1 in a later all-reduce with its own all-gather queued; 10 of 10 runs aborted.
-  - with more than 32 programs in flight per device, each launch waits for a slot on a client
-    thread, and the launches hold the threads that the running program's devices need (gdb: 5
-    devices executing, 3 launches blocked, no thread for the 3 devices' execution).
-  With twice as many threads, tests/test_cpu_collectives.py passes both ways it aborted before.
+  Why: XLA:CPU runs each device's collectives as rendezvous that block a pool thread, and sizes
+  its pools (client and intra-op) to max(cores, devices), one thread per device on a 2-core
+  machine. That suffices only while no device blocks in two collectives at once and nothing else
+  holds a pool thread; with jax 0.10.2 neither holds, and a device whose collective finds no free
+  thread never arrives, so the others wait until XLA aborts ("may be stuck", "Termination
+  timeout"):
+  - collectives overlap: a collective after a while loop is ordered after the loop's collectives
+    only by a scheduling edge, released when the loop starts (XLA's thunk_executor.cc), and a
+    program loaded from the persistent compilation cache loses even that (thunk_proto_serdes.cc
+    gives loop bodies a collective resource of their own). Demo with data=4 x fsdp=2, fresh, on a
+    loaded machine: 7 devices in all-gather op 1, one of devices [4, 5] in the scanned layers'
+    all-gather op 56, 4 of 4 runs aborted. Train step with fsdp=8 loaded from the cache: all 8
+    intra-op threads blocked (gdb), 7 in the layers' all-gather, 1 in a later all-reduce; 10 of 10.
+  - more than 32 programs in flight per device: each launch then waits for a slot on a client
+    thread, holding the threads the running program needs (gdb: 3 launches waiting, 3 devices'
+    executions queued).
+  With two threads per device all of these run (tests/test_cpu_collectives.py reproduces the last
+  two), and the demo's step is no slower.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if n and _FLAG not in flags:
