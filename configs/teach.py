@@ -75,6 +75,8 @@ def get_config(arg: str = ""):
   c.dtype = args["dtype"]
   # Each process places a whole teacher on its own devices: (data, fsdp, tensor), -1 fills.
   c.mesh = (-1, 1, 1)
+  # Only the first this many queries of the selection (0: all): a sample to try templates on.
+  c.max_queries = 0
   # Seconds between progress lines.
   c.progress_seconds = 30.0
 

@@ -41,6 +41,7 @@ def main(argv):
   from trace_jax.teach.items import load_items
   from trace_jax.teach.loading import load_teacher
   items = load_items(_ROOT.value, config.files, _DATASETS.value)
+  items = items[:config.max_queries] if config.max_queries else items
   phase, teacher = _PHASE.value, None
 
   def the_teacher():
