@@ -21,9 +21,8 @@ def get_config(arg: str = ""):
   c = common.base_config()
   c.total_steps = args["steps"]
   # 4 devices, data-parallel: on 2 cores the collectives of tensor or FSDP axes cost more than
-  # they split. (XLA:CPU 0.10 also can deadlock when FSDP gathers inside the scanned layers run
-  # out of order with the step's other collectives: seen with data=2 x fsdp=2 on the direct-only
-  # variant.)
+  # they split. (FSDP meshes run too: trace_jax.devices.split_cpu gives XLA:CPU the pool threads
+  # its overlapping collectives need, which used to deadlock.)
   c.cpu_devices = 4
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, -1, 1  # fsdp -1: the devices left (1 here)
   # Small models replicate most bytes; the check matters for the released sizes.
