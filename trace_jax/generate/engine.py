@@ -265,13 +265,14 @@ class Engine:
       self._tags[d], self._tokens[d] = tag, [int(token)]
     return k
 
-  def step(self, refill_at: int = 0) -> list[Finished]:
+  def step(self, refill_at: int = 0, shrink: bool = True) -> list[Finished]:
     """One chunk of decoding of every active row (ending early once `refill_at` > 0 rows have
-    finished); returns the rows that stopped."""
+    finished); returns the rows that stopped. `shrink=False` keeps the buffer's size for rows
+    about to be submitted (shrinking and growing back would copy every cache twice)."""
     held = [i for i, t in enumerate(self._tags) if t is not None]
     if not held:
       return []
-    if self._size(len(held)) < len(self._tags):
+    if shrink and self._size(len(held)) < len(self._tags):
       held = self._resize(held, len(held))
     split = self._one_split if self._on_one else self._split
     with jax.set_mesh(self.mesh) if self.mesh is not None and not self._on_one else _nothing():
@@ -332,7 +333,7 @@ class Engine:
       while pending and self.free >= min(refill, len(pending)):
         batch = _take_batch(pending, min(batch_size, self.free))
         yield from self._prefill_and_submit(batch, layout, grid, buckets, list(prefix), shared)
-      finished = self.step(refill_at=refill if pending else 0)
+      finished = self.step(refill_at=refill if pending else 0, shrink=not pending)
       if stop_strings:
         finished += self._stop_at_strings(stop_strings, decode)
       yield from (_cut_at_string(f, stop_strings, decode) for f in finished)

@@ -225,7 +225,7 @@ class Encoder:
                                   np.zeros(len(reasoning), np.int32), rows[reasoning])
         reasoning = reasoning[took:]
         if not self.engine.free:
-          finished += self.engine.step()
+          finished += self.engine.step(shrink=False)  # More rows come with the next batch.
     for f in finished + self.engine.drain():
       # The engine's last token is <|emb|>, or one past max_new_tokens for a capped row.
       generated[f.tag], capped[f.tag] = f.tokens[:-1], f.capped

@@ -111,10 +111,13 @@ def _write(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, index: jax.Array)
   if index.ndim == 0:  # As [1, B, K, T, H] at (layer, 0, 0, index, 0).
     return jax.lax.dynamic_update_slice(cache_lbksh, jnp.swapaxes(new, 1, 2)[None],
                                         (layer, 0, 0, index, 0))
-  b, t = new.shape[:2]
-  rows = jnp.arange(b)[:, None]
-  slots = index[:, None] + jnp.arange(t)[None]  # [B, T]: advanced indices select [B, T, K, H].
-  return cache_lbksh.at[layer, rows, :, slots, :].set(new, mode="drop")
+  # Mapped over the rows (the scatter then has a batching dimension, which GSPMD splits like the
+  # rows: a plain scatter at (row, slot) pairs gathers the whole cache to every device first).
+  # A row past its last slot (a finished row an engine still steps) overwrites its last slots:
+  # dynamic_update_slice clamps the start; such a row's outputs are discarded.
+  row = lambda c, n, i: jax.lax.dynamic_update_slice(  # noqa: E731
+    c, jnp.swapaxes(n, 0, 1)[None], (layer, 0, i, 0))
+  return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache_lbksh, new, index)
 
 
 class Decoder(nnx.Module):
@@ -153,7 +156,8 @@ class Decoder(nnx.Module):
       query_slot = jnp.broadcast_to(cache.index + jnp.arange(n), (b, n))
     else:
       query_slot = cache.index[:, None] + jnp.arange(n)[None]  # [B, T]
-      valid = cache.valid_bs.at[jnp.arange(b)[:, None], query_slot].set(valid_bt, mode="drop")
+      valid = jax.vmap(lambda v, n, i: jax.lax.dynamic_update_slice(v, n, (i,)))(
+        cache.valid_bs, valid_bt, cache.index)
     mask = (jnp.arange(slots)[None, None, :] <= query_slot[:, :, None]) & valid[:, None, :]
 
     # The cache rides in the carry and each layer updates its slots in place (as scanned inputs
