@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trace_jax.generate.engine import Engine, prefill
+from trace_jax.generate.engine import Engine
+from trace_jax.generate.programs import prefill
 from trace_jax.generate.sampling import Sampling, next_tokens
 from trace_jax.model.qwen_vl import QwenVL, prepare_positions
 

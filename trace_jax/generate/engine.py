@@ -22,43 +22,26 @@ encoder needs what serving engines do not expose: the hidden state of the token 
 
 `Engine.run` drives all of it for a stream of requests (`Request`: prompt ids, an image's
 pixels, a seed); `api.generate` is the plain function over transformers-style inputs, and the
-routing encoder (`infer/encode.py`) decodes its reasoning rows with the same engine.
+routing encoder (`infer/encode.py`) decodes its reasoning rows with the same engine. The jitted
+programs and the decode buffer live in `programs.py`; this module is the host-side bookkeeping.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from trace_jax import sharding
-from trace_jax.generate import batching
+from trace_jax.generate import batching, programs
+from trace_jax.generate.programs import Slots, prefill
 from trace_jax.generate.sampling import Sampling, next_tokens
 from trace_jax.model.decoder import KVCache
 from trace_jax.model.qwen_vl import QwenVL
-from trace_jax.model.readout import normalize
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Slots:
-  """The decode buffer: R rows, each a slot that holds one sequence or is free."""
-
-  cache: KVCache  # Per-row write index.
-  tokens: jax.Array  # [R] each row's latest token, not yet fed.
-  counts: jax.Array  # [R] tokens the row has written (the latest included).
-  active: jax.Array  # [R] still generating.
-  seeds: jax.Array  # [R] the row's sampling seed.
-  limits: jax.Array  # [R] the most tokens the row may write.
-  hidden: jax.Array  # [R, D] float32 state of the row's last fed token.
-  capped: jax.Array  # [R] stopped at max_new_tokens without a stop id.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,117 +64,6 @@ class Request:
   seed: int = 0
   tag: Any = None
   max_new_tokens: int = 0  # 0: the engine's.
-
-
-# Jitted functions take the model split once (`nnx.split`): `nnx.jit` would walk the module's
-# graph on every call, which costs more than a decoding step of a small model.
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "unit"))
-def prefill(graphdef, state, ids, mask, positions, pixels, layout, read, max_len: int = 0,
-            unit: bool = False, prefix: KVCache | None = None):
-  """(hidden state at position `read` [B] of each row (L2-normalised with `unit`), its
-  next-token logits, and (max_len > 0) the prompt's cache of `max_len` slots).
-
-  With `prefix` (the one-row cache of tokens every row starts with), `ids` are the tokens after
-  it (their `positions` those of the whole sequence): the rows attend to the prefix's keys and
-  values instead of recomputing them, and the cache holds prefix then rows."""
-  model = nnx.merge(graphdef, state)
-  cache = KVCache.zeros(model.cfg, ids.shape[0], max_len) if max_len else None
-  if prefix is not None:
-    cache = _from_prefix(prefix, ids.shape[0], max_len)
-  out = model(ids, mask, pixels, position_ids=positions, vision_layout=layout,
-              return_logits=False, cache=cache)
-  h = jnp.take_along_axis(out.hidden_states, read[:, None, None], axis=1)[:, 0]
-  return (normalize(h) if unit else h.astype(jnp.float32)), model.logits(h), out.cache
-
-
-def _from_prefix(prefix: KVCache, rows: int, max_len: int) -> KVCache:
-  """A cache of `max_len` slots for `rows` rows that all start with the one-row `prefix`."""
-  p = prefix.valid_bs.shape[1]
-  pad = ((0, 0), (0, 0), (0, 0), (0, max_len - p), (0, 0))
-
-  def grow(x):
-    x = jnp.pad(x, pad)
-    return jnp.broadcast_to(x, (x.shape[0], rows, *x.shape[2:]))
-
-  return KVCache(grow(prefix.k_lbksh), grow(prefix.v_lbksh),
-                 jnp.broadcast_to(jnp.pad(prefix.valid_bs, ((0, 0), (0, max_len - p))),
-                                  (rows, max_len)),
-                 jnp.asarray(p, jnp.int32), jnp.broadcast_to(prefix.next_position_b, (rows,)))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps"),
-                   donate_argnums=(2,))
-def decode_chunk(graphdef, state, buf: Slots, stop_ids, refill_at, *,
-                 sampling: Sampling, steps: int):
-  """Up to `steps` tokens for every active row; ends early when no row is active or when
-  `refill_at` rows have finished. Returns (buffer, tokens written [R, steps], -1 where none)."""
-  model = nnx.merge(graphdef, state)
-  started = buf.active
-
-  def body(c):
-    i, b, written = c
-    out = model.decode(b.tokens[:, None], b.cache)
-    h = out.hidden_states[:, 0]
-    nxt = next_tokens(model.logits(h), sampling, b.seeds, b.counts)
-    act = b.active
-    stop = jnp.isin(nxt, stop_ids)
-    counts = b.counts + act
-    going = act & ~stop & (counts < b.limits)
-    written = written.at[:, i].set(jnp.where(act, nxt, -1))
-    b = Slots(out.cache, jnp.where(act, nxt, b.tokens), counts, going, b.seeds, b.limits,
-              jnp.where(act[:, None], h.astype(jnp.float32), b.hidden),
-              b.capped | (act & ~going & ~stop))
-    return i + 1, b, written
-
-  def cond(c):
-    i, b, _ = c
-    return (i < steps) & jnp.any(b.active) & (jnp.sum(started & ~b.active) < refill_at)
-
-  written = jnp.full((buf.tokens.shape[0], steps), -1, jnp.int32)
-  _, buf, written = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), buf, written))
-  return buf, written
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _insert(buf: Slots, cache: KVCache, src, dst, index, tokens, seeds, limits) -> Slots:
-  """`buf` with rows `dst` holding rows `src` of a prefill's cache (its slots, then invalid
-  ones), writing next at `index`, latest token `tokens`, one token written, active."""
-  slots = buf.cache.valid_bs.shape[1]
-  pad = ((0, 0), (0, 0), (0, 0), (0, slots - cache.valid_bs.shape[1]), (0, 0))
-  c = buf.cache
-  rows = lambda x: jnp.pad(x[:, src], pad).astype(c.k_lbksh.dtype)  # noqa: E731
-  new = KVCache(c.k_lbksh.at[:, dst].set(rows(cache.k_lbksh)),
-                c.v_lbksh.at[:, dst].set(rows(cache.v_lbksh)),
-                c.valid_bs.at[dst].set(jnp.pad(cache.valid_bs[src], pad[2:4])),
-                c.index.at[dst].set(index),
-                c.next_position_b.at[dst].set(cache.next_position_b[src]))
-  return Slots(new, buf.tokens.at[dst].set(tokens), buf.counts.at[dst].set(1),
-               buf.active.at[dst].set(True), buf.seeds.at[dst].set(seeds),
-               buf.limits.at[dst].set(limits), buf.hidden.at[dst].set(0.0),
-               buf.capped.at[dst].set(False))
-
-
-@jax.jit
-def _gather(buf: Slots, idx, live) -> Slots:
-  """A buffer of rows `idx` of `buf`; rows where `live` is False are free."""
-  take = lambda x: x[idx]  # noqa: E731
-  c = buf.cache
-  cache = KVCache(c.k_lbksh[:, idx], c.v_lbksh[:, idx], c.valid_bs[idx], c.index[idx],
-                  c.next_position_b[idx])
-  return Slots(cache, take(buf.tokens), take(buf.counts), take(buf.active) & live,
-               take(buf.seeds), take(buf.limits), take(buf.hidden), take(buf.capped))
-
-
-@jax.jit
-def _deactivate(buf: Slots, rows) -> Slots:
-  return dataclasses.replace(buf, active=buf.active.at[rows].set(False))
-
-
-def empty_slots(cfg, rows: int, cache_len: int) -> Slots:
-  return Slots(KVCache.zeros(cfg, rows, cache_len, per_row=True), jnp.zeros((rows,), jnp.int32),
-               jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool),
-               jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
-               jnp.zeros((rows, cfg.text.width), jnp.float32), jnp.zeros((rows,), bool))
 
 
 def rows_bucket(n: int) -> int:
@@ -225,10 +97,10 @@ class Engine:
     self.max_new_tokens = max_new_tokens
     self.stop_ids = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)
     self._split = nnx.split(model)
-    self._device = _replica_device(self._split[1], mesh) if one_device_rows else None
+    self._device = programs.replica_device(self._split[1], mesh) if one_device_rows else None
     self._one_split = self._split
     if self._device is not None:
-      self._one_split = (self._split[0], _on_device(self._split[1], self._device))
+      self._one_split = (self._split[0], programs.on_device(self._split[1], self._device))
     self._one_rows = one_device_rows if self._device is not None else 0
     self._buf: Slots | None = None
     self._on_one = False
@@ -259,7 +131,7 @@ class Engine:
     cache = self._place(cache)
     if limits is None:
       limits = np.full(k, self.max_new_tokens)
-    self._buf = _insert(self._buf, cache, *(jnp.asarray(padded(x, size)) for x in (
+    self._buf = programs.insert(self._buf, cache, *(jnp.asarray(padded(x, size)) for x in (
       rows[:k], dst, index[:k], tokens[:k], seeds[:k], limits[:k])))
     for d, tag, token in zip(dst, tags[:k], tokens[:k]):
       self._tags[d], self._tokens[d] = tag, [int(token)]
@@ -276,7 +148,7 @@ class Engine:
       held = self._resize(held, len(held))
     split = self._one_split if self._on_one else self._split
     with jax.set_mesh(self.mesh) if self.mesh is not None and not self._on_one else _nothing():
-      self._buf, written = decode_chunk(
+      self._buf, written = programs.decode_chunk(
         *split, self._buf, self.stop_ids, jnp.int32(refill_at or len(self._tags) + 1),
         sampling=self.sampling, steps=self.chunk)
     written, active = np.asarray(written), np.asarray(self._buf.active)
@@ -297,7 +169,7 @@ class Engine:
     rows = [i for i, t in enumerate(self._tags) if t is not None and t in wanted]
     if not rows:
       return []
-    self._buf = _deactivate(self._buf, jnp.asarray(rows, jnp.int32))
+    self._buf = programs.deactivate(self._buf, jnp.asarray(rows, jnp.int32))
     hidden = np.asarray(self._buf.hidden)
     out = [Finished(self._tags[i], self._tokens[i], hidden[i], False) for i in rows]
     for i in rows:
@@ -398,13 +270,13 @@ class Engine:
     or the mesh as its size asks; returns the rows' new indices."""
     size = max(self._size(n), len(held))
     if self._buf is None:
-      self._buf, self._tags, self._tokens = (empty_slots(self.model.cfg, size, self.cache_len),
-                                             [None] * size, [[] for _ in range(size)])
+      self._buf = programs.empty_slots(self.model.cfg, size, self.cache_len)
+      self._tags, self._tokens = [None] * size, [[] for _ in range(size)]
       self._buf = self._placed(self._buf, size)
       return []
     idx = padded(np.asarray(held or [0]), size)
     live = np.arange(size) < len(held)
-    self._buf = _gather(self._buf, jnp.asarray(idx), jnp.asarray(live))
+    self._buf = programs.gather(self._buf, jnp.asarray(idx), jnp.asarray(live))
     self._buf = self._placed(self._buf, size)
     self._tags = [self._tags[i] for i in held] + [None] * (size - len(held))
     self._tokens = [self._tokens[i] for i in held] + [[] for _ in range(size - len(held))]
@@ -416,7 +288,7 @@ class Engine:
       return jax.device_put(buf, self._device)
     if self.mesh is None:
       return buf
-    return _put_slots(buf, self.mesh)
+    return programs.put_slots(buf, self.mesh)
 
   def _place(self, cache: KVCache) -> KVCache:
     """A prefill's cache where the buffer lives."""
@@ -424,7 +296,7 @@ class Engine:
       return jax.device_put(cache, self._device)
     if self.mesh is None:
       return cache
-    return _put_cache(cache, self.mesh)
+    return programs.put_cache(cache, self.mesh)
 
 
 class _nothing:
@@ -453,50 +325,3 @@ def _cut_at_string(f: Finished, stop_strings, decode) -> Finished:
   n = next(n for n in range(1, len(f.tokens) + 1)
            if any(s in decode(f.tokens[:n]) for s in stop_strings))
   return dataclasses.replace(f, tokens=f.tokens[:n])
-
-
-def cache_shardings(cache: KVCache, mesh) -> KVCache:
-  """NamedShardings of a cache on `mesh`: rows over the batch axes, KV heads over `tensor`."""
-  def named(x, names):
-    return NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh))
-  return KVCache(named(cache.k_lbksh, (None, "act_batch", "act_kv_heads", None, None)),
-                 named(cache.v_lbksh, (None, "act_batch", "act_kv_heads", None, None)),
-                 named(cache.valid_bs, ("act_batch", None)),
-                 named(cache.index, ("act_batch",) if cache.index.ndim else ()),
-                 named(cache.next_position_b, ("act_batch",)))
-
-
-def slots_shardings(buf: Slots, mesh) -> Slots:
-  """NamedShardings of a decode buffer on `mesh` (its rows over the batch axes)."""
-  def row(x, extra=0):
-    return NamedSharding(mesh, sharding.logical_to_spec(("act_batch",) + (None,) * extra,
-                                                        x.shape, mesh))
-  return Slots(cache_shardings(buf.cache, mesh), row(buf.tokens), row(buf.counts),
-               row(buf.active), row(buf.seeds), row(buf.limits), row(buf.hidden, 1),
-               row(buf.capped))
-
-
-def _put_cache(cache: KVCache, mesh) -> KVCache:
-  return jax.device_put(cache, cache_shardings(cache, mesh))
-
-
-def _put_slots(buf: Slots, mesh) -> Slots:
-  return jax.device_put(buf, slots_shardings(buf, mesh))
-
-
-def _replica_device(state, mesh: jax.sharding.Mesh | None):
-  """The first device of `mesh` when every array of `state` is fully replicated on it (each
-  device holds the whole model) and one process drives it; None otherwise (no mesh, a sharded
-  model, or several processes, whose caches one device could not read)."""
-  if (mesh is None or jax.process_count() > 1
-      or not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))):
-    return None
-  return mesh.devices.flat[0]
-
-
-def _on_device(state, device):
-  """Fully replicated `state` as single-device arrays on `device`: its own copies (no transfer)."""
-  def local(x):
-    shard = next((s.data for s in x.addressable_shards if s.device == device), None)
-    return shard if shard is not None else jax.device_put(x, device)
-  return jax.tree.map(local, state)

@@ -46,7 +46,8 @@ from trace_jax.data import image as image_lib
 from trace_jax.data import prompts
 from trace_jax.data.tokenizer import Tokenizer
 from trace_jax.generate import batching
-from trace_jax.generate.engine import Engine, prefill
+from trace_jax.generate.engine import Engine
+from trace_jax.generate.programs import prefill
 from trace_jax.model.qwen_vl import QwenVL
 from trace_jax.model.readout import READOUTS, readout_index
 

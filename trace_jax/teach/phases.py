@@ -38,7 +38,7 @@ from flax import nnx
 from trace_jax.data import image as image_lib
 from trace_jax.data.prompts import PromptTooLongError
 from trace_jax.generate import Engine, Request, Sampling, batching
-from trace_jax.generate.engine import prefill
+from trace_jax.generate.programs import prefill
 from trace_jax.teach import shards
 from trace_jax.teach.items import TeachItem
 from trace_jax.teach.prompting import (Template, chat_ids, first_token_ids, teacher_output,

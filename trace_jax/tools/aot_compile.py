@@ -126,7 +126,7 @@ def compile_generation(config, topology: str, slots: int, prefill_batch: int, pr
   from jax.sharding import NamedSharding
 
   from trace_jax import sharding
-  from trace_jax.generate import Sampling, batching, engine
+  from trace_jax.generate import Sampling, batching, programs
   from trace_jax.model import factory
   from trace_jax.model.qwen_vl import QwenVL
   from trace_jax.train import setup
@@ -152,11 +152,11 @@ def compile_generation(config, topology: str, slots: int, prefill_batch: int, pr
               rows((3, b, t), np.int32, (None, "act_batch", None)),
               rows((b, patches, cfg.vision.patch_dim), np.float32, ("act_batch", None, None)),
               batching.image_layout(cfg, grid), rows((b,), np.int32, ("act_batch",)))
-    buf = jax.eval_shape(lambda: engine.empty_slots(cfg, slots, prompt_len + new_tokens))
-    buf = setup.with_shardings(buf, engine.slots_shardings(buf, mesh))
+    buf = jax.eval_shape(lambda: programs.empty_slots(cfg, slots, prompt_len + new_tokens))
+    buf = setup.with_shardings(buf, programs.slots_shardings(buf, mesh))
     with jax.set_mesh(mesh):
-      prefill = engine.prefill.lower(graphdef, state, *inputs, max_len=t).compile()
-      decode = engine.decode_chunk.lower(
+      prefill = programs.prefill.lower(graphdef, state, *inputs, max_len=t).compile()
+      decode = programs.decode_chunk.lower(
         graphdef, state, buf, np.asarray([0], np.int32), np.int32(slots + 1),
         sampling=Sampling(), steps=16).compile()
 
