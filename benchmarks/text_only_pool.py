@@ -15,6 +15,7 @@ saving grows with the image grid (`--config.data.image_grid`). Timing only; no t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -47,11 +48,12 @@ def main(argv):
     """The encoder as it was: every batch carries pixels, blank for rows without an image."""
 
     def _pack(self, seqs, items, grow=False):
-      ids, mask, positions, pixels = super()._pack(seqs, items, grow)
-      if pixels is None:
-        pixels = np.zeros((ids.shape[0], self.patches, self.model.cfg.vision.patch_dim),
-                          np.float32)
-      return ids, mask, positions, pixels
+      packed = super()._pack(seqs, items, grow)
+      if packed.pixels is not None:
+        return packed
+      blank = np.zeros((packed.ids.shape[0], self.patches, self.model.cfg.vision.patch_dim),
+                       np.float32)
+      return dataclasses.replace(packed, pixels=blank)
 
   data_setup.ensure_world(config.data)
   s = build(config, mbeir_eval.eval_mesh(config))
