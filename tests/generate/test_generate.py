@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from tests.model import reference, tiny
 from tests.model.reference import Case
-from trace_jax.generate import Engine, Request, Sampling, generate, score
+from trace_jax import sharding
+from trace_jax.generate import Engine, Request, Sampling, generate, programs, score
 from trace_jax.generate.sampling import filtered_logits, next_tokens
 from trace_jax.model.hf_io import load_hf
 
@@ -192,3 +194,25 @@ def test_per_request_limits():
     assert f.tokens == full[tag][:2 + tag] and f.capped
   with pytest.raises(ValueError, match="asks for 10 new tokens"):
     list(Engine(model, **kw).run([Request(reqs[0].ids, max_new_tokens=10)], buckets=(16,)))
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_decode_writes_the_cache_in_place(on_mesh):
+  """A decode chunk's per-row cache writes: on one device no copy of the cache (a scatter
+  mapped over rows moved the rows' axis and copied the cache every step), on a data-parallel mesh no all-gather of the cache (each device writes
+  its own rows). Either way the outputs equal one-by-one generation's (the other tests)."""
+  model = tiny.model()
+  graphdef, state = nnx.split(model)
+  buf = programs.empty_slots(model.cfg, 8, 32)
+  args = (np.asarray([0], np.int32), np.int32(9))
+  kw = dict(sampling=Sampling(), steps=2)
+  if on_mesh:
+    mesh = sharding.make_mesh(data=8, fsdp=1)
+    buf = jax.device_put(buf, programs.slots_shardings(buf, mesh))
+    with jax.set_mesh(mesh):
+      hlo = programs.decode_chunk.lower(graphdef, state, buf, *args, **kw).compile().as_text()
+    assert "all-gather" not in hlo
+  else:
+    hlo = programs.decode_chunk.lower(graphdef, state, buf, *args, **kw).compile().as_text()
+    cache = "f32[" + ",".join(map(str, buf.cache.k_lbksh.shape)) + "]"
+    assert not [line for line in hlo.splitlines() if cache in line and " copy(" in line]

@@ -111,13 +111,33 @@ def _write(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, index: jax.Array)
   if index.ndim == 0:  # As [1, B, K, T, H] at (layer, 0, 0, index, 0).
     return jax.lax.dynamic_update_slice(cache_lbksh, jnp.swapaxes(new, 1, 2)[None],
                                         (layer, 0, 0, index, 0))
-  # Mapped over the rows (the scatter then has a batching dimension, which GSPMD splits like the
-  # rows: a plain scatter at (row, slot) pairs gathers the whole cache to every device first).
-  # A row past its last slot (a finished row an engine still steps) overwrites its last slots:
-  # dynamic_update_slice clamps the start; such a row's outputs are discarded.
+  if not _on_mesh():  # A scatter at (row, slot) pairs, in place.
+    b, t = new.shape[:2]
+    slots = index[:, None] + jnp.arange(t)[None]  # [B, T]: advanced indices select [B, T, K, H].
+    return cache_lbksh.at[layer, jnp.arange(b)[:, None], :, slots, :].set(new, mode="drop")
+  # On a mesh, mapped over the rows: the scatter then has a batching dimension, which GSPMD splits
+  # like the rows (the plain scatter gathers the whole cache to every device first; XLA:CPU,
+  # though, copies the cache for the mapped one, 2x the decode step on one device). A row past
+  # its last slot (a finished row an engine still steps) then overwrites its last slots (the
+  # start is clamped); such a row's outputs are discarded.
   row = lambda c, n, i: jax.lax.dynamic_update_slice(  # noqa: E731
     c, jnp.swapaxes(n, 0, 1)[None], (layer, 0, i, 0))
   return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache_lbksh, new, index)
+
+
+def _set_rows(valid_bs: jax.Array, valid_bt: jax.Array, index: jax.Array) -> jax.Array:
+  """`valid_bs` with each row's [T] new entries at its `index` (as `_write` places them)."""
+  if not _on_mesh():
+    slots = index[:, None] + jnp.arange(valid_bt.shape[1])[None]
+    return valid_bs.at[jnp.arange(valid_bs.shape[0])[:, None], slots].set(valid_bt, mode="drop")
+  return jax.vmap(lambda v, n, i: jax.lax.dynamic_update_slice(v, n, (i,)))(
+    valid_bs, valid_bt, index)
+
+
+def _on_mesh() -> bool:
+  """Whether the program being traced runs on a mesh of several devices (`jax.set_mesh`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
 
 
 class Decoder(nnx.Module):
@@ -156,8 +176,7 @@ class Decoder(nnx.Module):
       query_slot = jnp.broadcast_to(cache.index + jnp.arange(n), (b, n))
     else:
       query_slot = cache.index[:, None] + jnp.arange(n)[None]  # [B, T]
-      valid = jax.vmap(lambda v, n, i: jax.lax.dynamic_update_slice(v, n, (i,)))(
-        cache.valid_bs, valid_bt, cache.index)
+      valid = _set_rows(cache.valid_bs, valid_bt, cache.index)
     mask = (jnp.arange(slots)[None, None, :] <= query_slot[:, :, None]) & valid[:, None, :]
 
     # The cache rides in the carry and each layer updates its slots in place (as scanned inputs
