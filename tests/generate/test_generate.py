@@ -196,11 +196,28 @@ def test_per_request_limits():
     list(Engine(model, **kw).run([Request(reqs[0].ids, max_new_tokens=10)], buckets=(16,)))
 
 
+def test_release_frees_the_buffer_only_when_idle():
+  """`release` drops a finished engine's buffer (the next run starts afresh, same outputs); with
+  rows still decoding it refuses."""
+  model = tiny.model()
+  reqs = requests(3)
+  engine = Engine(model, capacity=2, cache_len=30, max_new_tokens=6, chunk=2)
+  first = {f.tag: f.tokens for f in engine.run(reqs, buckets=(16,))}
+  engine.release()
+  assert {f.tag: f.tokens for f in engine.run(reqs, buckets=(16,))} == first
+  short, long = (dataclasses.replace(r, max_new_tokens=n) for r, n in zip(reqs, (2, 6)))
+  running = engine.run([short, long], buckets=(16,))
+  assert next(running).tag == short.tag and engine.active == 1
+  with pytest.raises(ValueError, match="1 rows are still decoding"):
+    engine.release()
+
+
 @pytest.mark.parametrize("on_mesh", [False, True])
 def test_decode_writes_the_cache_in_place(on_mesh):
   """A decode chunk's per-row cache writes: on one device no copy of the cache (a scatter
-  mapped over rows moved the rows' axis and copied the cache every step), on a data-parallel mesh no all-gather of the cache (each device writes
-  its own rows). Either way the outputs equal one-by-one generation's (the other tests)."""
+  mapped over rows moved the rows' axis and copied the cache every step), on a data-parallel
+  mesh no all-gather of the cache (each device writes its own rows). Either way the outputs
+  equal one-by-one generation's (the other tests)."""
   model = tiny.model()
   graphdef, state = nnx.split(model)
   buf = programs.empty_slots(model.cfg, 8, 32)

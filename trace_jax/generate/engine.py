@@ -187,6 +187,13 @@ class Engine:
       out += self.step()
     return out
 
+  def release(self) -> None:
+    """Frees the decode buffer once every row has finished: the next `submit` starts from an
+    empty one, so a call's programs do not depend on the buffer size earlier calls left."""
+    if self.active:
+      raise ValueError(f"{self.active} rows are still decoding")
+    self._buf, self._tags, self._tokens = None, [], []
+
   def run(self, requests: Iterable[Request], *, grid: Sequence[int] | None = None,
           buckets: Sequence[int] = (256,), batch_size: int = 8, stop_strings: Sequence[str] = (),
           decode=None, prefix: Sequence[int] = ()) -> Iterator[Finished]:

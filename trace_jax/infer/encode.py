@@ -231,6 +231,7 @@ class Encoder:
       # The engine's last token is <|emb|>, or one past max_new_tokens for a capped row.
       generated[f.tag], capped[f.tag] = f.tokens[:-1], f.capped
       out[f.tag] = f.hidden / max(float(np.linalg.norm(f.hidden)), 1e-12)
+    self.engine.release()  # A call's programs then depend on its own items only.
     if self.readout != "pre_token":  # Once every row has its text (images are read again).
       for rows in self._batches(items):
         full = [seqs[i] + generated[i] + [emb_id] for i in rows]
