@@ -134,10 +134,12 @@ def gather(buf: Slots, idx, live) -> Slots:
 
 @jax.jit
 def deactivate(buf: Slots, rows) -> Slots:
+  """`buf` with rows `rows` stopped (a stop string the host saw)."""
   return dataclasses.replace(buf, active=buf.active.at[rows].set(False))
 
 
 def empty_slots(cfg, rows: int, cache_len: int) -> Slots:
+  """A decode buffer of `rows` free rows of `cache_len` slots each."""
   return Slots(KVCache.zeros(cfg, rows, cache_len, per_row=True), jnp.zeros((rows,), jnp.int32),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool),
                jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
