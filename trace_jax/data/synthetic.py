@@ -25,7 +25,9 @@ split, train or test; `{k}` the task):
 Task 0/3 pools hold the positives plus as many random distractor scenes per query; the task-7 pool
 holds the targets and the source images (as distractors); the task-6 pool is every answer string.
 The test split is drawn and numbered first, from its own random streams, so it does not depend on
-`n_train`; train queries never repeat a test query (for tasks 0/3: never a test scene). This module
+`n_train`. Every scene belongs to one split (a seeded draw per scene, `WorldSpec.
+test_scene_fraction`) and a query of any task, its teacher text and its pool's distractors use
+only its split's scenes: no test image or caption is seen in training, by any task. This module
 does not tokenize, batch or evaluate, and the world's rules and teacher text are not here.
 """
 
@@ -81,10 +83,16 @@ class WorldSpec:
   relational_fraction: float = 0.7
   # Random distractor scenes added to the task 0/3 pools, per query.
   distractors_per_query: float = 1.0
+  # Share of all scenes reserved for the test split: a test query shows and retrieves only these,
+  # a train query of any task never does (held out by a seeded draw per scene, so both splits
+  # keep one-object scenes: a test split drawn first would take nearly all 108 of them).
+  test_scene_fraction: float = 0.3
 
   def __post_init__(self):
     if not 1 <= len(self.object_counts) <= len(rules.SHAPES) or min(self.object_counts) < 0:
       raise ValueError(f"object_counts needs 1-{len(rules.SHAPES)} weights >= 0")
+    if not 0 < self.test_scene_fraction < 1:
+      raise ValueError(f"test_scene_fraction must be in (0, 1), got {self.test_scene_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,41 +208,55 @@ def _draw_query(task: int, rng: random.Random, spec: WorldSpec) -> _Query:
                     "+".join(e.op for e in edits))
 
 
-def _exclusion_key(q: _Query) -> tuple:
-  """Train may not repeat a test query; for tasks 0/3 it may not use a test scene at all."""
-  if q.task in (0, 3):
-    return ("scene", q.positive)
-  return (q.task, q.image, q.text)
+def _scenes(q: _Query) -> set[rules.Scene]:
+  """The scenes a query shows or retrieves: its image and its positive (tasks 0, 3, 7)."""
+  return {s for s in (q.image, q.positive) if isinstance(s, rules.Scene)}
 
 
-def _draw_task(task: int, n: int, rng: random.Random, spec: WorldSpec, *, distinct: bool,
-               forbidden: set) -> list[_Query]:
-  """`n` queries of `task` avoiding `forbidden` keys, all different if `distinct`."""
+@dataclasses.dataclass(frozen=True)
+class _SceneSplit:
+  """Which split a scene belongs to: a seeded coin per scene (`WorldSpec.test_scene_fraction`)."""
+  seed: int
+  test_fraction: float
+
+  def __call__(self, scene: rules.Scene) -> str:
+    coin = random.Random(f"{self.seed}/held_out/{rules.scene_name(scene)}").random()
+    return "test" if coin < self.test_fraction else "train"
+
+
+def _draw_task(task: int, n: int, rng: random.Random, spec: WorldSpec, *, split: str,
+               scene_split: _SceneSplit) -> list[_Query]:
+  """`n` queries of `task` whose scenes all belong to `split`; test queries all different."""
   out, seen, tries = [], set(), 0
   while len(out) < n:
     tries += 1
-    if tries > 100 * n + 1000:
-      raise ValueError(f"could not draw {n} distinct task-{task} queries; lower the count")
+    if tries > 200 * n + 1000:
+      raise ValueError(f"could not draw {n} {split} queries of task {task}; lower the count")
     q = _draw_query(task, rng, spec)
-    key = _exclusion_key(q)
-    if key in forbidden or (distinct and (q.task, q.image, q.text) in seen):
+    if any(scene_split(s) != split for s in _scenes(q)):
+      continue
+    if split == "test" and (q.task, q.image, q.text) in seen:
       continue
     seen.add((q.task, q.image, q.text))
     out.append(q)
   return out
 
 
-def _pool(task: int, queries: Sequence[_Query], rng: random.Random,
-          spec: WorldSpec) -> list[rules.Scene | str]:
-  """The local pool: scenes (images; captions for task 3) sorted by name, or every answer."""
+def _pool(task: int, queries: Sequence[_Query], rng: random.Random, spec: WorldSpec,
+          split: str, scene_split: _SceneSplit) -> list[rules.Scene | str]:
+  """The local pool: scenes (images; captions for task 3) sorted by name, or every answer.
+  Random distractors are scenes of the pool's own split."""
   if task == 6:
     return list(rules.ANSWERS)
   items = {q.positive for q in queries}
   if task == 7:
     items |= {q.image for q in queries}
   else:
-    n_extra = round(spec.distractors_per_query * len(queries))
-    items |= {_sample_scene(rng, spec) for _ in range(n_extra)}
+    for _ in range(round(spec.distractors_per_query * len(queries))):
+      scene = _sample_scene(rng, spec)
+      while scene_split(scene) != split:
+        scene = _sample_scene(rng, spec)
+      items.add(scene)
   return sorted(items, key=rules.scene_name)
 
 
@@ -373,16 +395,17 @@ def _summarize(tasks, drawn, written, n_images, seed, image_size, task_mix, spec
 
 def _draw_splits(sizes: Mapping[str, Mapping[int, int]], seed: int,
                  spec: WorldSpec) -> dict[str, dict[int, list[_Query]]]:
-  """Queries per split and task: test first, each task from its own random stream, then train,
-  which never repeats a test query (`_exclusion_key`); test queries are distinct per task."""
-  drawn = {s: {} for s in _SPLITS}
-  for split in _SPLITS:
-    forbidden = {_exclusion_key(q) for qs in drawn["test"].values() for q in qs}
-    for t, n in sizes[split].items():
-      rng = random.Random(f"{seed}/{split}/task{t}")
-      drawn[split][t] = _draw_task(t, n, rng, spec, distinct=split == "test",
-                                   forbidden=forbidden if split == "train" else set())
-  return drawn
+  """Queries per split and task, each from its own random stream; a query's scenes all belong
+  to its split (`_SceneSplit`), so no test scene is in any train query of any task."""
+  scene_split = _SceneSplit(seed, spec.test_scene_fraction)
+  return {split: {t: _draw_task(t, n, random.Random(f"{seed}/{split}/task{t}"), spec,
+                                split=split, scene_split=scene_split)
+                  for t, n in sizes[split].items()} for split in _SPLITS}
+
+
+def split_scenes(drawn: Mapping[int, Sequence[_Query]]) -> frozenset[rules.Scene]:
+  """Every scene the queries of one split show or retrieve, over all tasks."""
+  return frozenset(s for qs in drawn.values() for q in qs for s in _scenes(q))
 
 
 def _write_split(out_dir: str, split: str, drawn: Mapping[int, list[_Query]], seed: int,
@@ -394,7 +417,8 @@ def _write_split(out_dir: str, split: str, drawn: Mapping[int, list[_Query]], se
   """
   written, scenes = {}, []
   for t, queries in drawn.items():
-    pool = _pool(t, queries, random.Random(f"{seed}/{split}/task{t}/pool"), spec)
+    pool = _pool(t, queries, random.Random(f"{seed}/{split}/task{t}/pool"), spec, split,
+                 _SceneSplit(seed, spec.test_scene_fraction))
     written[t] = _write_task(out_dir, split, t, queries, pool, ids)
     scenes += [s for s in pool if isinstance(s, rules.Scene)]
     scenes += [q.image for q in queries if q.image is not None]
