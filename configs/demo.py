@@ -1,9 +1,18 @@
-"""The embedded default: TRACE on the generated demo world, with a tiny Qwen2.5-VL-shaped model
-trained from scratch on a 2-core CPU (4 fake devices, data-parallel; InfoNCE negatives gathered
-across them).
+"""The embedded default: TRACE on the generated demo world, on a 2-core CPU (4 fake devices,
+data-parallel; InfoNCE negatives gathered across them), the way the paper trains it: LoRA
+fine-tuning of a pretrained Qwen2.5-VL-shaped backbone.
 
-Usage: --config=configs/demo.py[:ablation=direct,steps=N]. `ablation=direct` is the direct-only
-baseline: no reasoning targets, lambda_gen = 0, evaluated with the direct encoder.
+The backbone (`stage=backbone`) is a tiny Qwen2.5-VL-shaped model trained from scratch with the
+language-model loss alone on the world's train split (captions, question answers and edit
+descriptions: `data.target="lm"`), and written to `runs/demo_backbone/hf` as a Hugging Face
+directory with its SentencePiece tokenizer, which has no `<|emb|>`. `trace_jax.main` builds it
+the first time a fine-tuning config needs it and reuses it afterwards. Fine-tuning takes the path
+of a released checkpoint: `ckpt.init_from`, `<|emb|>` appended to the tokenizer and its rows
+added (`vocab.add_token_rows`), LoRA on the decoder, the vision tower frozen, the merger trained.
+
+Usage: --config=configs/demo.py[:ablation=direct,steps=N,seed=S,stage=backbone]. `ablation=direct`
+is the direct-only baseline: no reasoning targets, lambda_gen = 0, the direct encoder. `seed`
+seeds fine-tuning (LoRA init, data order); the backbone is the same for every seed.
 """
 
 import ml_collections
@@ -11,15 +20,95 @@ import ml_collections
 from configs import common
 
 WORLD = "runs/demo_world"
+BACKBONE = "runs/demo_backbone"
 TASKS = (0, 3, 6, 7)
+# Tasks with text to learn for the backbone: captions (3), and the teacher's descriptions of
+# the questioned (6) and edited (7) scenes. Task 0 (caption -> image) has none.
+PRETRAIN_TASKS = (3, 6, 7)
+# Data fields the fine-tuning config and its backbone's share (references: set one, both move).
+WORLD_FIELDS = ("root", "generate_world", "world_seed", "world_train", "world_test",
+                "world_image_size")
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, {"ablation": "", "steps": 900, "dtype": "float32"})
+  args = common.parse_arg(arg, {"ablation": "", "steps": 600, "backbone_steps": 900,
+                                "seed": 0, "stage": "finetune", "dtype": "float32"})
   if args["ablation"] not in ("", "direct"):
     raise ValueError(f"ablation={args['ablation']!r}; expected '' or 'direct'")
-  c = common.base_config()
+  if args["stage"] not in ("finetune", "backbone"):
+    raise ValueError(f"stage={args['stage']!r}; expected 'finetune' or 'backbone'")
+  if args["stage"] == "backbone":
+    return backbone_config(args)
+  c = _world_and_model(args)
+  c.seed = c.data.seed = args["seed"]
   c.total_steps = args["steps"]
+  pretrain = backbone_config(args)
+  for key in WORLD_FIELDS:  # One world: `--config.data.root=...` moves both stages.
+    ref = ml_collections.FieldReference(c.data[key])
+    c.data[key] = pretrain.data[key] = ref
+  hf_dir = ml_collections.FieldReference(f"{BACKBONE}/hf")
+  c.backbone = ml_collections.ConfigDict(dict(workdir=BACKBONE, hf_dir=hf_dir, config=pretrain))
+  c.ckpt.init_from = hf_dir
+  c.data.tokenizer = hf_dir + "/sentencepiece.model"
+
+  # The paper's recipe at this width: LoRA on every decoder projection, vision tower frozen,
+  # merger trained.
+  c.lora.rank = 32
+  c.lora.alpha = 64.0
+  c.optim.train_vision = False
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 30
+  c.optim.final_lr_fraction = 0.05
+  c.optim.weight_decay = 0.0
+
+  c.loss.temperature = 0.05
+  c.loss.contrastive_chunk = 32
+  if args["ablation"] == "direct":
+    c.loss.lambda_gen = 0.0
+    c.data.target = "direct"
+    c.eval.mode = "direct"
+
+  c.data.train_files = _files(TASKS)
+  c.data.cot_file = "cot/train/mbeir_synthetic_cot.jsonl"
+
+  # Prompts before reasoning are at most ~35 tokens; reasoning at most ~50.
+  c.eval.prompt_buckets = (48,)
+  c.eval.max_new_tokens = 56
+  c.eval.after_train = True
+  # Queries/s over each task's whole test set (200 queries): a sample of 64 would hold task 0's
+  # one reasoning query at 3x its real share.
+  c.eval.qps_queries = 200
+  c.eval.qps_rounds = 5
+  return c
+
+
+def backbone_config(args):
+  """The backbone's pretraining: every weight trains from scratch, LM loss only."""
+  c = _world_and_model(args)
+  c.total_steps = args["backbone_steps"]
+  c.lora.rank = 0
+  c.optim.train_vision = True
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.final_lr_fraction = 0.05
+  c.optim.weight_decay = 0.01
+  c.loss.lambda_ret = 0.0
+  c.data.target = "lm"
+  c.data.train_files = _files(PRETRAIN_TASKS)
+  c.data.cot_file = "cot/train/mbeir_synthetic_cot.jsonl"
+  # One id short of the model's 768 rows: fine-tuning appends <|emb|> as id 767.
+  c.data.tokenizer_vocab = 767
+  return c
+
+
+def _files(tasks):
+  return tuple((f"query/train/mbeir_synthetic_task{k}_train.jsonl",
+                f"cand_pool/local/mbeir_synthetic_task{k}_train_cand_pool.jsonl") for k in tasks)
+
+
+def _world_and_model(args):
+  """What both stages share: the world, the model's shape, the mesh, batches, logging."""
+  c = common.base_config()
   # 4 devices, data-parallel: on 2 cores the collectives of tensor or FSDP axes cost more than
   # they split. (FSDP meshes run too: trace_jax.devices.split_cpu gives XLA:CPU the pool threads
   # its overlapping collectives need, which used to deadlock.)
@@ -40,22 +129,8 @@ def get_config(arg: str = ""):
     temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=56,
     fullatt_block_indexes=(1,), act="silu", rope_theta=10000.0, norm_eps=1e-6))
 
-  # From scratch: every weight trains (no LoRA, vision tower included).
-  c.lora.rank = 0
-  c.optim.train_vision = True
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 50
-  c.optim.final_lr_fraction = 0.05
-  c.optim.weight_decay = 0.01
-
-  c.loss.temperature = 0.05
-  c.loss.contrastive_chunk = 32
   c.loss.vocab_chunk = 512
   c.loss.max_target_tokens = 64
-  if args["ablation"] == "direct":
-    c.loss.lambda_gen = 0.0
-    c.data.target = "direct"
-    c.eval.mode = "direct"
 
   c.data.root = WORLD
   c.data.generate_world = True
@@ -69,22 +144,9 @@ def get_config(arg: str = ""):
   c.data.cand_len = 24
   c.data.world_train = 12000
   c.data.world_image_size = 56
-  c.data.train_files = tuple(
-    (f"query/train/mbeir_synthetic_task{k}_train.jsonl",
-     f"cand_pool/local/mbeir_synthetic_task{k}_train_cand_pool.jsonl") for k in TASKS)
-  c.data.cot_file = "cot/train/mbeir_synthetic_cot.jsonl"
   c.data.tokenizer_vocab = 768
   c.data.compact_prompts = True
 
   c.ckpt.every_steps = 300
   c.log.every_steps = 25
-
-  # Prompts before reasoning are at most ~35 tokens; reasoning at most ~50.
-  c.eval.prompt_buckets = (48,)
-  c.eval.max_new_tokens = 56
-  c.eval.after_train = True
-  # Queries/s over each task's whole test set (200 queries): a sample of 64 would hold task 0's
-  # one reasoning query at 3x its real share.
-  c.eval.qps_queries = 200
-  c.eval.qps_rounds = 5
   return c

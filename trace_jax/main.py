@@ -1,6 +1,8 @@
 """Entry point: `python -m trace_jax.main --config=configs/demo.py --workdir=runs/demo`.
 
-Trains the config (resuming from WORKDIR when it holds a checkpoint) and writes metrics,
+Builds the config's `backbone` when it has one and it is not there yet (the demo fine-tunes a
+backbone that it pretrains once, `trace_jax/train/backbone.py`), then trains the config (resuming
+from WORKDIR when it holds a checkpoint) and writes metrics,
 checkpoints and the config (`config.json`, which tools such as the teacher read back) under
 WORKDIR. With `eval.after_train` (the demo's default) it then evaluates the final
 checkpoint (WORKDIR/eval/, as `python -m trace_jax.eval` does), prints a per-task summary and writes
@@ -28,10 +30,12 @@ def main(argv):
   config = _CONFIG.value
   devices.split_cpu(config.cpu_devices)  # Before JAX initialises its backend.
   processes.join()
-  from trace_jax.train import loop  # Imported after XLA_FLAGS: it initialises JAX.
+  from trace_jax.train import backbone, loop  # Imported after XLA_FLAGS: they initialise JAX.
   # trace_jax's own messages at INFO; libraries (Orbax, Grain, XLA) only from WARNING up.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("trace_jax").setLevel(logging.INFO)
+  if config.get("backbone"):  # The pretrained model it fine-tunes, built once (the demo's).
+    backbone.ensure(config.backbone)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   import jax
   if jax.process_index() == 0:  # The run's config beside its checkpoints (tools read it back).

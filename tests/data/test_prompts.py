@@ -65,3 +65,20 @@ def test_max_len_cuts_the_text_to_fit_the_whole_sequence(tok):
 def test_too_long_without_any_text_raises(tok):
   with pytest.raises(prompts.PromptTooLongError, match="without any of its text"):
     prompts.encode_query(tok, long_text(10), 4, "red " * 200, max_len=60)
+
+
+def test_chat_turn_has_no_rule_and_no_emb(tok):
+  """A backbone's pretraining turn: the user's text and image, then `response <|im_end|>`."""
+  enc = prompts.encode_chat(tok, "Describe the image.", 4, "a red circle top left",
+                            compact=True)
+  ids = list(enc.ids)
+  assert tok.emb_id not in ids
+  assert ids[-1] == tok.token_to_id("<|im_end|>")
+  assert tok.decode(ids[enc.prompt_len:-1]) == "a red circle top left"
+  assert enc.target_mask == (0,) * enc.prompt_len + (1,) * (len(ids) - enc.prompt_len)
+  prompt = tok.decode(ids[:enc.prompt_len])
+  assert "Describe the image." in prompt and prompts.COMPACT_QUERY_RULE not in prompt
+  assert ids[:enc.prompt_len].count(tok.token_to_id("<|image_pad|>")) == 4
+  cut = prompts.encode_chat(tok, long_text(300), 0, "a red circle", True, max_len=40)
+  assert len(cut.ids) == 40 and cut.text_cut > 0
+  assert tok.decode(list(cut.ids[cut.prompt_len:-1])) == "a red circle"

@@ -3,13 +3,17 @@ options (`data.reasoning_marker`, `data.cand_target`) on the demo world."""
 
 import os
 
+import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from configs import common
+from configs import common, demo
 from trace_jax.data import setup as data_setup
 from trace_jax.data import shards, synthetic
+from trace_jax.data.pipeline import Buckets, pad_batch
 from trace_jax.data.tokenizer import EOR_TOKEN
+from trace_jax.data.transforms import Shapes, ToArrays
+from trace_jax.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,37 @@ def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
   with pytest.raises(ValueError, match=first.example_id):
     shards.write_examples([first], data.root, out)
   assert not os.path.exists(out)  # Nothing half-written.
+
+
+def test_lm_target_is_a_plain_chat_turn_without_candidates(data):
+  """`data.target="lm"` (a backbone's pretraining): the teacher's text, or a direct query's
+  candidate text, is the response; the tokenizer has no `<|emb|>`; no candidate side."""
+  full = {e.qid: e for e in data_setup.load_examples(data)}
+  files = data.train_files
+  data.target = "lm"
+  try:
+    with pytest.raises(ValueError, match=r"task0_train.jsonl:1: query .* nothing to learn"):
+      data_setup.load_examples(data)  # Task 0's caption -> image has no text to write.
+    data.train_files = tuple(f for f in files if "task0" not in f[0])
+    tok = data_setup.make_tokenizer(data)
+    examples = data_setup.load_examples(data)
+  finally:
+    data.target, data.train_files = "full", files
+  with pytest.raises(KeyError):
+    tok.emb_id
+  assert os.path.exists(os.path.join(data.root, data_setup.DEMO_BASE_TOKENIZER))
+  assert {e.task_id for e in examples} == {3, 6, 7}
+  for e in examples:
+    expected = full[e.qid].reasoning if e.task_id in (6, 7) else e.cand_text
+    assert e.reasoning == expected and expected
+  model_cfg = data_setup.with_token_ids(
+    ModelConfig.from_dict(demo.get_config().model.to_dict()), tok)
+  to_arrays = ToArrays(tok, model_cfg, Shapes(80, 24, (1, 6, 6)), data.root,
+                       compact_prompts=True, lm_only=True)
+  rows = [to_arrays.map(e.to_dict()) for e in examples[:4]]
+  assert not any(k.startswith("cand") for k in rows[0])
+  batch = pad_batch(rows, Buckets((80,), (24,)))
+  assert "cand_ids" not in batch and "cand_key" not in batch
+  end = tok.token_to_id("<|im_end|>")
+  for ids, target in zip(batch["query_ids"], batch["query_target_mask"]):
+    assert ids[np.flatnonzero(target)[-1]] == end

@@ -184,3 +184,25 @@ def test_sentencepiece_errors(tmp_path):
     SentencePieceTokenizer.from_file(str(tmp_path / "none.model"))
   with pytest.raises(ValueError, match="model_type"):
     SentencePieceTokenizer.train(["a b"], str(tmp_path / "sp"), 300, model_type="word")
+
+
+def test_sentencepiece_backbone_gets_emb_appended_after_its_pieces(tmp_path):
+  """A backbone's tokenizer (trained without `<|emb|>`) gets it as one more id, as `HFTokenizer`
+  adds it: the existing ids stay, `added_ids` names the new row for `vocab.add_token_rows`."""
+  base = SentencePieceTokenizer.train(corpus(200), str(tmp_path / "base"), vocab_size=320,
+                                      user_symbols=VISION_SYMBOLS, add_emb=False)
+  with pytest.raises(KeyError):
+    base.emb_id
+  assert base.vocab_size == 320 and base.added_ids == []
+  grown = SentencePieceTokenizer.from_file(str(tmp_path / "base.model"))
+  assert (grown.vocab_size, grown.num_base_tokens, grown.added_ids) == (321, 320, [320])
+  assert grown.emb_id == 320
+  text = "a red circle<|image_pad|> unseen"
+  assert grown.encode(text) == base.encode(text)
+  assert grown.encode(f"a red circle{EMB_TOKEN}")[-1] == 320
+  # Saved with the new token, it reloads with the same ids and nothing more to add.
+  (tmp_path / "grown.model").write_bytes(grown.serialized())
+  again = SentencePieceTokenizer.from_file(str(tmp_path / "grown.model"))
+  assert (again.vocab_size, again.emb_id, again.added_ids) == (321, 320, [])
+  assert SentencePieceTokenizer.from_file(str(tmp_path / "base.model"),
+                                          add_emb=False).vocab_size == 320

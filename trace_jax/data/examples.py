@@ -19,7 +19,9 @@ from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
 
 CAND_TARGETS = ("none", "answer", "full")  # Candidate-side reasoning (`data.cand_target`).
-COT_MISSING = ("error", "drop")  # A query without an M-BEIR-CoT record (`data.cot_missing`).
+COT_MISSING = ("error", "drop")
+# `data.target` of a backbone's LM-only pretraining: every example is a chat turn to learn.
+LM_TARGET = "lm"  # A query without an M-BEIR-CoT record (`data.cot_missing`).
 _log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,9 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
   file that `build_cot` filtered: the queries it dropped are not trained on) it is left out,
   counted and logged. `target` picks what
   a reasoning example learns: "full", "answer", "reasoning" (`cot.training_target`), or "direct"
-  (no reasoning text at all: the direct-only ablation). `cand_target` ("none", "answer", "full"):
+  (no reasoning text at all: the direct-only ablation); "lm" (a backbone's LM-only pretraining)
+  gives every example a response to learn: its teacher's text (tags stripped), or for a direct
+  query the positive candidate's text (an image->caption query learns the caption). `cand_target` ("none", "answer", "full"):
   candidate-side reasoning, the paper's ablation. The positive candidate of a reasoning query
   learns to write that part of the query's teacher output (whose answer describes this very
   candidate) before its `<|emb|>`; candidates of direct queries write nothing. `marker`: the
@@ -96,9 +100,15 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
         raise KeyError(f"{where}: query {query.qid} has no record in the M-BEIR-CoT file (set "
                        "data.cot_missing=drop to train on the queries the file lists)")
       if target != "direct":
-        reasoning = cot_lib.training_target(cot[query.qid], target, marker)
+        part = "full" if target == LM_TARGET else target
+        reasoning = cot_lib.training_target(cot[query.qid], part, marker)
       if cand_target != "none":
         cand_reasoning = cot_lib.training_target(cot[query.qid], cand_target, marker)
+    if target == LM_TARGET and reasoning is None:
+      reasoning = cand.text
+      if not (reasoning or "").strip():
+        raise ValueError(f"{where}: query {query.qid} has nothing to learn under "
+                         "data.target='lm': no teacher output and no candidate text")
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
                             reasoning, did, cand.text, cand.image_path, cand_reasoning))
   if dropped:

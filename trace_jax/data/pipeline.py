@@ -125,6 +125,8 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
   None: for the sides where some row has an image (a batch of one task)."""
   out: dict[str, Any] = {}
   for side, sizes in (("query", buckets.query), ("cand", buckets.cand)):
+    if f"{side}_ids" not in examples[0]:  # No candidates: a backbone's LM-only pretraining.
+      continue
     lengths = [len(e[f"{side}_ids"]) for e in examples]
     t = Buckets.pick(max(lengths), sizes)
     b = len(examples)
@@ -145,7 +147,8 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
     if has_target:
       out[f"{side}_target_mask"] = target
   for key in ("query_is_reasoning", "task_id", "cand_key"):
-    out[key] = np.asarray([e[key] for e in examples], np.int32)
+    if key in examples[0]:
+      out[key] = np.asarray([e[key] for e in examples], np.int32)
   reasons = [r for e in examples for r in e.get(SKIP_REASONS, ())]
   out.update({SKIPPED: np.int32(len(reasons)), SKIP_REASONS: reasons,
               TRUNCATED: [e[TRUNCATED] for e in examples if e.get(TRUNCATED)]})

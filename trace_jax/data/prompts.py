@@ -1,6 +1,7 @@
 """TRACE's prompts in Qwen2.5-VL's chat template, as token ids.
 
-The query prompt carries the task instruction, the query (text and/or image) and the retrieval
+`encode_chat` is the plain turn a backbone learns from before TRACE (the demo's pretraining
+stage, `data.target="lm"`). The query prompt carries the task instruction, the query (text and/or image) and the retrieval
 rule: simple queries answer with `<|emb|>` alone, hard ones first describe the target
 (TRACE.md, "Prompts"). The candidate prompt demands `<|emb|>` only (or, for the candidate-side
 reasoning ablation, allows a description first). The rule text names the token
@@ -66,12 +67,12 @@ def _text_and_rule(tok: Tokenizer, text: str, rule: str, fixed: int, max_text_to
   most `max_text_tokens` tokens (0: no limit) and the whole sequence, with its `fixed` other
   tokens, at most `max_len` (0: no limit); and how many text tokens were cut. The instruction
   (the text's start), the image and the rule stay whole."""
-  whole = tok.encode(f"{text}\n{rule}" if text else rule)
+  whole = tok.encode(f"{text}\n{rule}" if text and rule else text or rule)
   room = max_len - fixed if max_len else len(whole)
   if len(whole) <= room and (not max_text_tokens or len(whole) <= max_text_tokens):
     return whole, 0  # Whole text and rule together are within both limits: nothing to cut.
   text_ids = tok.encode(text) if text else []
-  rule_ids = tok.encode(f"\n{rule}") if text else whole
+  rule_ids = (tok.encode(f"\n{rule}") if text else whole) if rule else []
   keep = min(len(text_ids), room - len(rule_ids))
   if max_text_tokens:
     keep = min(keep, max_text_tokens)
@@ -126,6 +127,16 @@ def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
   target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
   return _encode(tok, text or "", rule, image_tokens, compact, target, may_reason,
                  max_text_tokens, max_len)
+
+
+def encode_chat(tok: Tokenizer, text: str, image_tokens: int, response: str,
+                compact: bool = False, *, max_text_tokens: int = 0, max_len: int = 0) -> Encoded:
+  """A plain chat turn, as a backbone (an MLLM before TRACE) is trained on: the user's text
+  and/or image without any retrieval rule, then the target `response <|im_end|>`. No
+  `<|emb|>`: a backbone's tokenizer need not have it. `max_text_tokens`, `max_len`: as
+  `encode_query`."""
+  target = tok.encode(response) + [tok.token_to_id("<|im_end|>")]
+  return _encode(tok, text, "", image_tokens, compact, target, True, max_text_tokens, max_len)
 
 
 def _encode(tok: Tokenizer, text: str, rule: str, image_tokens: int, compact: bool,

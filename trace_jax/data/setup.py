@@ -16,7 +16,7 @@ import os
 import jax
 
 from trace_jax.data import prompts, shards, synthetic
-from trace_jax.data.examples import TrainExample, load_split
+from trace_jax.data.examples import LM_TARGET, TrainExample, load_split
 from trace_jax.data.pipeline import Buckets, group_by_task, make_dataset
 from trace_jax.data.tokenizer import EOR_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from trace_jax.data.transforms import Shapes, ToArrays
@@ -26,6 +26,9 @@ DEMO_TOKENIZER = "tokenizer.model"
 # The demo tokenizer with the end-of-reasoning marker as one more symbol (a separate file: the
 # default one, and every run trained with it, stay unchanged).
 DEMO_MARKER_TOKENIZER = "tokenizer_eor.model"
+# The demo world's tokenizer for a backbone (`data.target="lm"`): no `<|emb|>`, which
+# fine-tuning appends to it (`SentencePieceTokenizer.from_file`).
+DEMO_BASE_TOKENIZER = "tokenizer_base.model"
 # Data fields whose effect ArrayRecord shards fix at conversion, with their defaults.
 SHARD_FIXED = {"target": "full", "cand_target": "none", "reasoning_marker": False}
 
@@ -52,21 +55,24 @@ def make_tokenizer(data) -> Tokenizer:
   `data.reasoning_marker`, `EOR_TOKEN` is one token of it (added to a Hugging Face tokenizer like
   `<|emb|>`)."""
   extra = (EOR_TOKEN,) if data.reasoning_marker else ()
+  lm = data.target == LM_TARGET  # A backbone's tokenizer: `<|emb|>` comes with TRACE.
   path = data.tokenizer
   if path.endswith(".json"):
     return HFTokenizer.from_dir(os.path.dirname(path), extra_special=extra)
   if path:
-    return _require(SentencePieceTokenizer.from_file(path), extra, path)
-  model = os.path.join(data.root, DEMO_MARKER_TOKENIZER if extra else DEMO_TOKENIZER)
+    return _require(SentencePieceTokenizer.from_file(path, add_emb=not lm), extra, path)
+  name = DEMO_BASE_TOKENIZER if lm else DEMO_MARKER_TOKENIZER if extra else DEMO_TOKENIZER
+  model = os.path.join(data.root, name)
   if os.path.exists(model):
-    return _require(SentencePieceTokenizer.from_file(model), extra, model)
+    return _require(SentencePieceTokenizer.from_file(model, add_emb=not lm), extra, model)
   with open(os.path.join(data.root, "world.json")) as f:
     vocabulary = json.load(f)["vocabulary"]
   texts = [" ".join(vocabulary), prompts.SYSTEM, prompts.QUERY_RULE, prompts.CANDIDATE_RULE,
            prompts.COMPACT_QUERY_RULE, prompts.COMPACT_CANDIDATE_RULE,
            "system\nuser\nassistant\n"] + list(vocabulary)
+  symbols = (prompts.SPECIAL if lm else prompts.required_tokens()) + extra
   return SentencePieceTokenizer.train(texts * 8, model[:-len(".model")], data.tokenizer_vocab,
-                                      user_symbols=prompts.required_tokens() + extra)
+                                      user_symbols=symbols, add_emb=not lm)
 
 
 def _require(tok: Tokenizer, tokens, path: str) -> Tokenizer:
@@ -132,7 +138,8 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
                        compact_prompts=data.compact_prompts,
                        cand_may_reason=data.cand_target != "none",
                        query_text_tokens=data.query_text_tokens,
-                       cand_text_tokens=data.cand_text_tokens)
+                       cand_text_tokens=data.cand_text_tokens,
+                       lm_only=data.target == LM_TARGET)
   weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
   if data.shards_dir:  # ArrayRecord shards with the images inline (tools/convert_examples).
     check_shards_targets(data)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 EMB_TOKEN = "<|emb|>"
 # End-of-reasoning marker, written between the reasoning and the answer when
@@ -146,21 +147,46 @@ def _register_added_token(config: dict[str, Any], token: str, token_id: int) -> 
 
 
 class SentencePieceTokenizer:
-  """A SentencePiece model whose user symbols (always `<|emb|>`) are single, unsplittable ids."""
+  """A SentencePiece model whose user symbols (`<|emb|>` among them) are single, unsplittable
+  ids.
 
-  def __init__(self, processor: spm.SentencePieceProcessor):
+  Attributes:
+    num_base_tokens: pieces of the model file; `added_ids`: the id of `<|emb|>` when loading
+      appended it (empty otherwise), as `HFTokenizer` has them.
+  """
+
+  def __init__(self, processor: spm.SentencePieceProcessor, *, num_base_tokens: int | None = None,
+               added_ids: Sequence[int] = ()):
     self._sp = processor
+    self.num_base_tokens = processor.get_piece_size() if num_base_tokens is None else num_base_tokens
+    self.added_ids = list(added_ids)
 
   @classmethod
-  def from_file(cls, path: str) -> SentencePieceTokenizer:
-    """Loads a `.model` file; raises FileNotFoundError naming the path if it is missing."""
+  def from_file(cls, path: str, *, add_emb: bool = True) -> SentencePieceTokenizer:
+    """Loads a `.model` file; raises FileNotFoundError naming the path if it is missing.
+
+    A model without `<|emb|>` (a backbone's tokenizer, trained before TRACE) gets it appended as
+    a user symbol after its last piece, as `HFTokenizer` adds it, unless `add_emb` is False:
+    `added_ids` lists its id, `num_base_tokens` counts the pieces before it (the rows
+    `vocab.add_token_rows` averages for the new one).
+    """
     if not os.path.isfile(path):
       raise FileNotFoundError(f"sentencepiece model not found: {path}")
-    return cls(spm.SentencePieceProcessor(model_file=path))
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if not add_emb or _has_piece(sp, EMB_TOKEN):
+      return cls(sp)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    base = len(proto.pieces)
+    proto.pieces.add(piece=EMB_TOKEN, score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    grown = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return cls(grown, num_base_tokens=base, added_ids=(base,))
 
   @classmethod
   def train(cls, texts: Iterable[str], out_prefix: str, vocab_size: int,
-            user_symbols: Sequence[str] = (), model_type: str = "bpe") -> SentencePieceTokenizer:
+            user_symbols: Sequence[str] = (), model_type: str = "bpe",
+            add_emb: bool = True) -> SentencePieceTokenizer:
     """Trains a model on `texts`, writes `out_prefix.model` / `.vocab` and loads it.
 
     Training is deterministic: every sentence is used in order on one thread. Byte fallback is on,
@@ -171,20 +197,21 @@ class SentencePieceTokenizer:
       out_prefix: path prefix of the written files; its directory is created.
       vocab_size: total ids, including `<unk>`, `<s>`, `</s>`, the 256 bytes and user symbols.
       user_symbols: extra tokens that always encode to one id, e.g. `<|image_pad|>`; `EMB_TOKEN`
-        is always added first.
+        is added first unless `add_emb` is False.
       model_type: "bpe" or "unigram".
+      add_emb: False for a backbone's tokenizer, which gets `<|emb|>` later (`from_file`).
     """
     if model_type not in ("bpe", "unigram"):
       raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     out_dir = os.path.dirname(out_prefix)
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
-    symbols = list(dict.fromkeys([EMB_TOKEN, *user_symbols]))
+    symbols = list(dict.fromkeys([EMB_TOKEN] * add_emb + list(user_symbols)))
     spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_prefix=out_prefix, vocab_size=vocab_size,
       model_type=model_type, user_defined_symbols=symbols, byte_fallback=True,
       input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=1)
-    return cls.from_file(f"{out_prefix}.model")
+    return cls.from_file(f"{out_prefix}.model", add_emb=add_emb)
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text, add_bos=False, add_eos=False)
@@ -193,10 +220,13 @@ class SentencePieceTokenizer:
     return self._sp.decode(list(ids))
 
   def token_to_id(self, token: str) -> int:
-    token_id = self._sp.piece_to_id(token)
-    if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id):
+    if not _has_piece(self._sp, token):
       raise KeyError(token)
-    return token_id
+    return self._sp.piece_to_id(token)
+
+  def serialized(self) -> bytes:
+    """The model file's bytes, added tokens included (what `from_file` reads back)."""
+    return self._sp.serialized_model_proto()
 
   @property
   def vocab_size(self) -> int:
@@ -205,3 +235,8 @@ class SentencePieceTokenizer:
   @property
   def emb_id(self) -> int:
     return self.token_to_id(EMB_TOKEN)
+
+
+def _has_piece(sp: spm.SentencePieceProcessor, token: str) -> bool:
+  token_id = sp.piece_to_id(token)
+  return token_id != sp.unk_id() or token == sp.id_to_piece(token_id)

@@ -54,13 +54,15 @@ class ToArrays(grain.transforms.Map):
   def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, shapes: Shapes, root: str,
                on_bad_example: str = "error", compact_prompts: bool = False,
                cand_may_reason: bool = False, query_text_tokens: int = 0,
-               cand_text_tokens: int = 0):
+               cand_text_tokens: int = 0, lm_only: bool = False):
     if on_bad_example not in ("error", "skip"):
       raise ValueError(f"data.on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
     self.tok, self.cfg, self.shapes, self.root = tokenizer, model_cfg, shapes, root
     self.on_bad_example = on_bad_example
     self.compact = compact_prompts
     self.cand_may_reason = cand_may_reason  # Candidate-side reasoning: candidates get targets.
+    # A backbone's LM-only pretraining (`data.target="lm"`): plain chat turns, no candidates.
+    self.lm_only = lm_only
     self.text_tokens = {"query": query_text_tokens, "cand": cand_text_tokens}  # 0: no limit.
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +103,9 @@ class ToArrays(grain.transforms.Map):
     limits = dict(max_text_tokens=self.text_tokens[side],
                   max_len=getattr(self.shapes, f"max_{side}_len"))
     try:
+      if self.lm_only:
+        return prompts.encode_chat(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
+                                   **limits)
       if side == "query":
         return prompts.encode_query(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
                                     **limits)
@@ -112,10 +117,11 @@ class ToArrays(grain.transforms.Map):
       raise ValueError(f"{side}: {e} (data.{field})") from None
 
   def _arrays(self, ex: TrainExample, inline: dict[str, bytes | None]) -> dict[str, Any]:
-    if not (ex.cand_text or "").strip() and ex.cand_image is None:
+    if not self.lm_only and not (ex.cand_text or "").strip() and ex.cand_image is None:
       raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
     out, cuts = {}, []
-    for side, image in (("query", ex.query_image), ("cand", ex.cand_image)):
+    sides = (("query", ex.query_image),) + (() if self.lm_only else (("cand", ex.cand_image),))
+    for side, image in sides:
       pixels, n_img = self._pixels(image, inline[side])
       enc = self._encode(ex, side, n_img)
       arrays = dict(self._side(enc, n_img), pixels=pixels)
@@ -124,8 +130,9 @@ class ToArrays(grain.transforms.Map):
       out.update({f"{side}_{k}": v for k, v in arrays.items()})
       if enc.text_cut:
         cuts.append(f"{side} text cut by {enc.text_cut} tokens")
+    if not self.lm_only:
+      out["cand_key"] = np.int32(mbeir.did_key(ex.cand_id))
     out.update(query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id),
-               cand_key=np.int32(mbeir.did_key(ex.cand_id)),
                **{TRUNCATED: f"{ex.example_id} (query {ex.qid}): {', '.join(cuts)}" if cuts
                   else ""})
     return out

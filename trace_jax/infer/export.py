@@ -114,8 +114,7 @@ def _save_tokenizer(tokenizer: Tokenizer | None, out_dir: str) -> str | None:
     return "hf"
   if isinstance(tokenizer, SentencePieceTokenizer):
     with open(os.path.join(out_dir, SENTENCEPIECE_FILE), "wb") as f:
-      # The wrapper has no public accessor for the model bytes; the processor is the source.
-      f.write(tokenizer._sp.serialized_model_proto())  # pylint: disable=protected-access
+      f.write(tokenizer.serialized())
     return "sentencepiece"
   raise TypeError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
 

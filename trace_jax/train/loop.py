@@ -85,7 +85,8 @@ def run(config, workdir: str) -> dict:
     while step < config.total_steps:
       host = next(data_iter)
       data_log.add(host)
-      tokens += int(host["query_mask"].sum() + host["cand_mask"].sum()) * jax.process_count()
+      tokens += sum(int(host[f"{side}_mask"].sum()) for side in ("query", "cand")
+                    if f"{side}_mask" in host) * jax.process_count()
       batch = pipeline.to_global(host, s.mesh, s.model_cfg, tuple(config.data.image_grid))
       profiler.before(step)
       with jax.set_mesh(s.mesh):

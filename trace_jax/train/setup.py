@@ -17,6 +17,7 @@ from flax import nnx
 from trace_jax import sharding
 from trace_jax.data import setup as data_setup
 from trace_jax.data.batch import batch_shardings
+from trace_jax.data.examples import LM_TARGET
 from trace_jax.model import factory
 from trace_jax.model.lora import apply_lora
 from trace_jax.model.vocab import add_token_rows
@@ -66,6 +67,11 @@ def step_config(config, tok) -> step_lib.StepConfig:
   if config.loss.readout == "end_of_reasoning" and eor < 0:
     raise ValueError("loss.readout='end_of_reasoning' reads the end-of-reasoning marker: set "
                      "data.reasoning_marker=True so that the targets carry it")
+  if config.data.target == LM_TARGET:  # A backbone's pretraining: no candidates, no <|emb|>.
+    if config.loss.lambda_ret or config.optim.micro_batches != 1:
+      raise ValueError("data.target='lm' trains the language model alone: it needs "
+                       "loss.lambda_ret=0 and optim.micro_batches=1")
+    return dataclasses.replace(step_lib.StepConfig.from_config(config), emb_token_id=-1)
   return dataclasses.replace(step_lib.StepConfig.from_config(config), emb_token_id=tok.emb_id,
                              eor_token_id=eor)
 

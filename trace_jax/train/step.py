@@ -125,7 +125,10 @@ def make_train_step(graphdef, cfg: StepConfig, tx: optax.GradientTransformation,
     def total(params):
       out = forward(params, frozen, batch, rng)
       lm = out["lm_sum"] / jnp.maximum(out["lm_count"], 1.0)
-      ret, stats = ret_loss(out["query"], out["cand"], out.get("neg"), params, _keys(batch))
+      if "cand" in out:
+        ret, stats = ret_loss(out["query"], out["cand"], out.get("neg"), params, _keys(batch))
+      else:  # No candidates: a backbone's LM-only pretraining (data.target="lm").
+        ret, stats = jnp.float32(0), losses.ContrastiveStats(*(jnp.float32(0),) * 3)
       return cfg.lambda_gen * lm + cfg.lambda_ret * ret, (lm, ret, stats, out)
     (loss, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
     return loss, aux, grads
