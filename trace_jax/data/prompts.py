@@ -1,12 +1,12 @@
 """TRACE's prompts in Qwen2.5-VL's chat template, as token ids.
 
-`encode_chat` is the plain turn a backbone learns from before TRACE (the demo's pretraining
-stage, `data.target="lm"`). The query prompt carries the task instruction, the query (text and/or image) and the retrieval
+The query prompt carries the task instruction, the query (text and/or image) and the retrieval
 rule: simple queries answer with `<|emb|>` alone, hard ones first describe the target
 (TRACE.md, "Prompts"). The candidate prompt demands `<|emb|>` only (or, for the candidate-side
 reasoning ablation, allows a description first). The rule text names the token
-in words so that the only `<|emb|>` in a sequence is the one the model writes. This module does
-not read images or pad batches.
+in words so that the only `<|emb|>` in a sequence is the one the model writes. `encode_chat`
+is the plain turn a backbone learns from before TRACE (the demo's pretraining stage,
+`data.target="lm"`). This module does not read images or pad batches.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ class SentencePieceTokenizer:
   def __init__(self, processor: spm.SentencePieceProcessor, *, num_base_tokens: int | None = None,
                added_ids: Sequence[int] = ()):
     self._sp = processor
-    self.num_base_tokens = processor.get_piece_size() if num_base_tokens is None else num_base_tokens
+    self.num_base_tokens = (processor.get_piece_size() if num_base_tokens is None
+                            else num_base_tokens)
     self.added_ids = list(added_ids)
 
   @classmethod
