@@ -69,8 +69,9 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
   gives every example a response to learn: its teacher's text (tags stripped), or for a direct
   query the positive candidate's text (an image->caption query learns the caption).
   `cand_target` ("none", "answer", "full"): candidate-side reasoning, the paper's ablation. The
-  positive candidate of a reasoning query learns to write that part of the query's teacher output (whose answer describes this very
-  candidate) before its `<|emb|>`; candidates of direct queries write nothing. `marker`: the
+  positive candidate of a reasoning query learns to write that part of the query's teacher
+  output (whose answer describes this very candidate) before its `<|emb|>`; candidates of direct
+  queries write nothing. `marker`: the
   end-of-reasoning token written after the reasoning (`data.reasoning_marker`), or "".
   """
   if cand_target not in CAND_TARGETS:
