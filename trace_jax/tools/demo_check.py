@@ -1,6 +1,7 @@
-"""`python -m trace_jax.tools.demo_check --trace=runs/demo --direct=runs/demo_direct`: the demo's
-four claims (`eval/demo_criteria.py`) from the two runs' WORKDIR/eval/results.json; exits 1 when
-one fails."""
+"""`python -m trace_jax.tools.demo_check --trace=runs/demo[,runs/demo_seed1]
+--direct=runs/demo_direct[,runs/demo_direct_seed1]`: the demo's claims (`eval/demo_criteria.py`)
+from the runs' WORKDIR/eval/results.json, one run of each arm per seed (means over seeds); prints
+each claim with its number and exits 1 when one fails."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from absl import app, flags
 
 from trace_jax.eval import demo_criteria
 
-_TRACE = flags.DEFINE_string("trace", "runs/demo", "Workdir of the TRACE demo run.")
-_DIRECT = flags.DEFINE_string("direct", "runs/demo_direct",
-                              "Workdir of `configs/demo.py:ablation=direct`.")
+_TRACE = flags.DEFINE_list("trace", ["runs/demo"], "Workdirs of the TRACE demo runs (one per seed).")
+_DIRECT = flags.DEFINE_list("direct", ["runs/demo_direct"],
+                            "Workdirs of `configs/demo.py:ablation=direct` (one per seed).")
 
 
 def _results(workdir: str) -> dict:
@@ -27,7 +28,13 @@ def _results(workdir: str) -> dict:
 
 def main(argv):
   del argv
-  checks = demo_criteria.check(_results(_TRACE.value), _results(_DIRECT.value))
+  if len(_TRACE.value) != len(_DIRECT.value):
+    raise SystemExit(f"error: {len(_TRACE.value)} TRACE runs but {len(_DIRECT.value)} "
+                     "direct-only runs; give one of each per seed")
+  checks = demo_criteria.check([_results(w) for w in _TRACE.value],
+                               [_results(w) for w in _DIRECT.value])
+  print(f"{len(_TRACE.value)} seed(s): {', '.join(_TRACE.value)} against "
+        f"{', '.join(_DIRECT.value)}")
   for c in checks:
     print(c.line())
   sys.exit(0 if all(c.ok for c in checks) else 1)
