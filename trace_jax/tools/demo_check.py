@@ -13,7 +13,8 @@ from absl import app, flags
 
 from trace_jax.eval import demo_criteria
 
-_TRACE = flags.DEFINE_list("trace", ["runs/demo"], "Workdirs of the TRACE demo runs (one per seed).")
+_TRACE = flags.DEFINE_list("trace", ["runs/demo"],
+                           "Workdirs of the TRACE demo runs (one per seed).")
 _DIRECT = flags.DEFINE_list("direct", ["runs/demo_direct"],
                             "Workdirs of `configs/demo.py:ablation=direct` (one per seed).")
 
