@@ -1,7 +1,7 @@
 """The demo's backbone: an LM-only pretraining run written as a Hugging Face directory with a
 tokenizer that has no `<|emb|>`, built once and reused; fine-tuning starts from it the way it
-starts from a released Qwen2.5-VL (`<|emb|>` appended and its row set to the mean, LoRA on the
-decoder, the vision tower frozen, the merger trained)."""
+starts from a released Qwen2.5-VL (`<|emb|>` appended, its row set to the mean and trained, LoRA
+on the decoder, the vision tower frozen, the merger trained)."""
 
 import json
 import os
@@ -62,7 +62,10 @@ def test_fine_tuning_starts_from_the_backbone_like_a_released_checkpoint(config)
   keep = is_trainable(config.lora.rank, config.optim.train_vision)
   trainable = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
                if keep(p, v)}
-  assert trainable and all("lora" in p or p.startswith("visual/merger") for p in trainable)
+  assert trainable and all("lora" in p or p.startswith(("visual/merger", "token_rows/"))
+                           for p in trainable)
+  assert "token_rows/embed" in trainable  # <|emb|>'s row trains over the frozen vocabulary.
+  assert model.token_rows.ids == (767,)
   assert any(p.startswith("visual/merger") for p in trainable)
   assert not any(p.startswith("visual/blocks") for p in trainable)
   for name in ("q", "k", "v", "o", "gate", "up", "down"):

@@ -19,6 +19,7 @@ from flax import nnx
 from trace_jax.data import prompts
 from trace_jax.data.tokenizer import EMB_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
 from trace_jax.model.hf_io import save_hf
+from trace_jax.model import token_rows
 from trace_jax.model.lora import merge_lora
 from trace_jax.model.qwen_vl import QwenVL
 
@@ -39,12 +40,13 @@ READOUTS = {
 
 
 def merged_copy(model: QwenVL) -> QwenVL:
-  """`model` with every LoRA adapter folded into its base kernel; `model` itself is unchanged.
+  """`model` with every LoRA adapter folded into its base kernel and the added tokens' trained
+  rows written into the vocabulary (`token_rows`); `model` itself is unchanged.
 
   `nnx.clone` makes new Variables that share the (immutable) arrays, so only the merged kernels
   take new memory.
   """
-  return merge_lora(nnx.clone(model))
+  return token_rows.merge(merge_lora(nnx.clone(model)))
 
 
 def export(model: QwenVL, out_dir: str, *, tokenizer: Tokenizer | None = None,

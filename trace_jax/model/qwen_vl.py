@@ -61,6 +61,8 @@ class QwenVL(nnx.Module):
     self.lm_head = None if t.tie_embeddings else Dense(
       (t.width,), (t.vocab_size,), ("embed",), ("vocab",), use_bias=False,
       dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    # Trainable rows of added tokens over a frozen vocabulary (`token_rows.attach`, LoRA runs).
+    self.token_rows = nnx.data(None)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, image_grid_thw: Any = None, *,
@@ -93,13 +95,23 @@ class QwenVL(nnx.Module):
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
     # Gather the FSDP-sharded width first (as every FSDP weight is), keep vocab split: a lookup
     # from a width-sharded table would otherwise fight the batch sharding of the output.
-    table = sharding.constrain(self.embed[...].astype(self.cfg.compute_dtype), ("vocab", None))
+    table = sharding.constrain(self.embedding_table().astype(self.cfg.compute_dtype),
+                               ("vocab", None))
     x = jnp.take(table, input_ids, axis=0)
     return sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
 
+  def embedding_table(self) -> jax.Array:
+    """`embed` [V, D], with the added tokens' trainable rows when it has them (`token_rows`)."""
+    table = self.embed[...]
+    return table if self.token_rows is None else self.token_rows.over_embed(table)
+
   def unembedding(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (tied to `embed`, or `lm_head`)."""
-    w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+    if self.lm_head is None:
+      w = self.embedding_table().T
+    else:
+      w = self.lm_head.kernel[...]
+      w = w if self.token_rows is None else self.token_rows.over_head(w)
     return w.astype(self.cfg.compute_dtype)
 
   def logits(self, h_btd: jax.Array) -> jax.Array:

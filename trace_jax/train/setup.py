@@ -18,7 +18,7 @@ from trace_jax import sharding
 from trace_jax.data import setup as data_setup
 from trace_jax.data.batch import batch_shardings
 from trace_jax.data.examples import LM_TARGET
-from trace_jax.model import factory
+from trace_jax.model import factory, token_rows
 from trace_jax.model.lora import apply_lora
 from trace_jax.model.vocab import add_token_rows
 from trace_jax.model.positions import vision_layout
@@ -45,13 +45,16 @@ def make_model_fn(config, model_cfg=None) -> Callable[[], QwenVL]:
 def create_model(config, mesh, tok) -> QwenVL:
   """The model to train, born sharded on `mesh`: fresh from the config (special-token ids from
   the tokenizer), or `ckpt.init_from`'s weights (the checkpoint's architecture; `<|emb|>` rows
-  added for the tokenizer's new tokens) with LoRA adapters added and sharded."""
+  added for the tokenizer's new tokens, trainable under LoRA: `model.token_rows`) with LoRA
+  adapters added and sharded."""
   if not config.ckpt.init_from:
     model_cfg = data_setup.with_token_ids(factory.model_config(config), tok)
     return sharding.create_sharded(make_model_fn(config, model_cfg), mesh)
   model = factory.load_pretrained(config.ckpt.init_from, mesh, config.model)
   if getattr(tok, "added_ids", None):
     add_token_rows(model, tok.added_ids, tok.num_base_tokens)
+    if config.lora.rank:  # A frozen mean row could never be the likeliest token: train it.
+      token_rows.attach(model, tok.added_ids)
   model.cfg = data_setup.with_token_ids(model.cfg, tok)
   if config.lora.rank:
     apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,

@@ -1,7 +1,7 @@
 """The train state pytree, what is trainable, and the optimizer.
 
-Trainable: the patch merger, and the LLM through LoRA adapters (or every LLM weight when
-`lora.rank == 0`), plus the InfoNCE temperature when it is learned; the vision tower only with
+Trainable: the patch merger, and the LLM through LoRA adapters and the rows of the tokens the
+tokenizer added (`model.token_rows`), or every LLM weight when `lora.rank == 0`; plus the InfoNCE temperature when it is learned; the vision tower only with
 `optim.train_vision` (training from scratch, as the demo does). The vision tower and, under
 LoRA, the base LLM weights are frozen: they live in `TrainState.frozen` and get no gradient buffer
 and no optimizer state. The step itself is in `step.py`.
@@ -41,6 +41,8 @@ def is_trainable(lora_rank: int, train_vision: bool = False):
       return False
     if names[0] == "visual":
       return train_vision or names[1] in MERGER
+    if names[0] == "token_rows":  # Added tokens' rows (`<|emb|>`) over a frozen vocabulary.
+      return True
     if lora_rank > 0:
       return isinstance(var, nnx.LoRAParam)
     return True
