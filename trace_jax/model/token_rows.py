@@ -63,5 +63,3 @@ def _keep_sharding(x: jax.Array, like: nnx.Variable) -> jax.Array:
   old = like.get_value()
   sh = getattr(old, "sharding", None)
   return jax.device_put(x, sh) if sh is not None else x
-
-

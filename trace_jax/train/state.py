@@ -1,8 +1,9 @@
 """The train state pytree, what is trainable, and the optimizer.
 
 Trainable: the patch merger, and the LLM through LoRA adapters and the rows of the tokens the
-tokenizer added (`model.token_rows`), or every LLM weight when `lora.rank == 0`; plus the InfoNCE temperature when it is learned; the vision tower only with
-`optim.train_vision` (training from scratch, as the demo does). The vision tower and, under
+tokenizer added (`model.token_rows`), or every LLM weight when `lora.rank == 0`; plus the
+InfoNCE temperature when it is learned; the vision tower only with `optim.train_vision`
+(training from scratch, as the demo's backbone does). The vision tower and, under
 LoRA, the base LLM weights are frozen: they live in `TrainState.frozen` and get no gradient buffer
 and no optimizer state. The step itself is in `step.py`.
 """
