@@ -39,9 +39,10 @@ def test_marker_tokenizer_is_a_separate_file_with_one_more_symbol(data):
     assert os.path.exists(os.path.join(data.root, data_setup.DEMO_MARKER_TOKENIZER))
     # The default tokenizer file is untouched: runs trained with it keep their ids.
     assert data_setup.make_tokenizer(data).token_to_id(EOR_TOKEN) == eor
-    with pytest.raises(ValueError, match="is not one token"):
-      data.tokenizer = os.path.join(data.root, data_setup.DEMO_TOKENIZER)
-      data_setup.make_tokenizer(data)
+    # A given tokenizer without the marker (a backbone's) gets it appended, as <|emb|>.
+    data.tokenizer = os.path.join(data.root, data_setup.DEMO_TOKENIZER)
+    given = data_setup.make_tokenizer(data)
+    assert given.added_ids == [given.token_to_id(EOR_TOKEN)] == [plain.vocab_size]
   finally:
     data.reasoning_marker, data.tokenizer = False, ""
   with pytest.raises(KeyError):

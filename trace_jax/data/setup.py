@@ -52,15 +52,15 @@ def marker_id(data, tok: Tokenizer) -> int:
 
 def make_tokenizer(data) -> Tokenizer:
   """The configured tokenizer, or the demo world's SentencePiece model (trained once); with
-  `data.reasoning_marker`, `EOR_TOKEN` is one token of it (added to a Hugging Face tokenizer like
-  `<|emb|>`)."""
+  `data.reasoning_marker`, `EOR_TOKEN` is one token of it (appended to a given Hugging Face or
+  SentencePiece tokenizer like `<|emb|>`; trained into the demo world's)."""
   extra = (EOR_TOKEN,) if data.reasoning_marker else ()
   lm = data.target == LM_TARGET  # A backbone's tokenizer: `<|emb|>` comes with TRACE.
   path = data.tokenizer
   if path.endswith(".json"):
     return HFTokenizer.from_dir(os.path.dirname(path), extra_special=extra)
-  if path:
-    return _require(SentencePieceTokenizer.from_file(path, add_emb=not lm), extra, path)
+  if path:  # A released (backbone's) tokenizer: the tokens TRACE needs are added to it.
+    return SentencePieceTokenizer.from_file(path, add_emb=not lm, extra_special=extra)
   name = DEMO_BASE_TOKENIZER if lm else DEMO_MARKER_TOKENIZER if extra else DEMO_TOKENIZER
   model = os.path.join(data.root, name)
   if os.path.exists(model):

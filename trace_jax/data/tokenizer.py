@@ -151,8 +151,8 @@ class SentencePieceTokenizer:
   ids.
 
   Attributes:
-    num_base_tokens: pieces of the model file; `added_ids`: the id of `<|emb|>` when loading
-      appended it (empty otherwise), as `HFTokenizer` has them.
+    num_base_tokens: pieces of the model file; `added_ids`: the ids of the tokens loading
+      appended (`<|emb|>`, an end-of-reasoning marker), as `HFTokenizer` has them.
   """
 
   def __init__(self, processor: spm.SentencePieceProcessor, *, num_base_tokens: int | None = None,
@@ -163,26 +163,30 @@ class SentencePieceTokenizer:
     self.added_ids = list(added_ids)
 
   @classmethod
-  def from_file(cls, path: str, *, add_emb: bool = True) -> SentencePieceTokenizer:
+  def from_file(cls, path: str, *, add_emb: bool = True,
+                extra_special: Sequence[str] = ()) -> SentencePieceTokenizer:
     """Loads a `.model` file; raises FileNotFoundError naming the path if it is missing.
 
-    A model without `<|emb|>` (a backbone's tokenizer, trained before TRACE) gets it appended as
-    a user symbol after its last piece, as `HFTokenizer` adds it, unless `add_emb` is False:
-    `added_ids` lists its id, `num_base_tokens` counts the pieces before it (the rows
-    `vocab.add_token_rows` averages for the new one).
+    `<|emb|>` (unless `add_emb` is False) and each of `extra_special` that the model lacks (a
+    backbone's tokenizer, trained before TRACE) are appended as user symbols after its last
+    piece, as `HFTokenizer` adds them: `added_ids` lists their ids, `num_base_tokens` counts the
+    pieces before them (the rows `vocab.add_token_rows` averages for the new ones).
     """
     if not os.path.isfile(path):
       raise FileNotFoundError(f"sentencepiece model not found: {path}")
     sp = spm.SentencePieceProcessor(model_file=path)
-    if not add_emb or _has_piece(sp, EMB_TOKEN):
+    wanted = dict.fromkeys([EMB_TOKEN] * add_emb + list(extra_special))
+    missing = [token for token in wanted if not _has_piece(sp, token)]
+    if not missing:
       return cls(sp)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
     base = len(proto.pieces)
-    proto.pieces.add(piece=EMB_TOKEN, score=0.0,
-                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    for token in missing:
+      proto.pieces.add(piece=token, score=0.0,
+                       type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
     grown = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    return cls(grown, num_base_tokens=base, added_ids=(base,))
+    return cls(grown, num_base_tokens=base, added_ids=range(base, base + len(missing)))
 
   @classmethod
   def train(cls, texts: Iterable[str], out_prefix: str, vocab_size: int,
