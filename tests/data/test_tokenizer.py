@@ -201,8 +201,7 @@ def test_sentencepiece_backbone_gets_emb_appended_after_its_pieces(tmp_path):
   assert grown.encode(text) == base.encode(text)
   assert grown.encode(f"a red circle{EMB_TOKEN}")[-1] == 320
   # Saved with the new token, it reloads with the same ids and nothing more to add.
-  (tmp_path / "grown.model").write_bytes(grown.serialized())
-  again = SentencePieceTokenizer.from_file(str(tmp_path / "grown.model"))
+  again = SentencePieceTokenizer.from_file(grown.save(str(tmp_path / "grown")))
   assert (again.vocab_size, again.emb_id, again.added_ids) == (321, 320, [])
   assert SentencePieceTokenizer.from_file(str(tmp_path / "base.model"),
                                           add_emb=False).vocab_size == 320

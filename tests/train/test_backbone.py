@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from trace_jax.data.tokenizer import SentencePieceTokenizer
-from trace_jax.infer.export import SENTENCEPIECE_FILE
+from trace_jax.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
 from trace_jax.model.hf_io import load_hf
 from trace_jax.train import backbone, loop
 from trace_jax.train.state import is_trainable

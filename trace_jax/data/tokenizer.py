@@ -22,6 +22,8 @@ EMB_TOKEN = "<|emb|>"
 EOR_TOKEN = "</think>"
 
 _TOKENIZER_FILE = "tokenizer.json"
+# A SentencePiece tokenizer's file in a model directory (`SentencePieceTokenizer.save`).
+SENTENCEPIECE_FILE = "sentencepiece.model"
 _TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -229,9 +231,14 @@ class SentencePieceTokenizer:
       raise KeyError(token)
     return self._sp.piece_to_id(token)
 
-  def serialized(self) -> bytes:
-    """The model file's bytes, added tokens included (what `from_file` reads back)."""
-    return self._sp.serialized_model_proto()
+  def save(self, out_dir: str) -> str:
+    """Writes the model, added tokens included, as `out_dir/sentencepiece.model` (what
+    `from_file` reads back); returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, SENTENCEPIECE_FILE)
+    with open(path, "wb") as f:
+      f.write(self._sp.serialized_model_proto())
+    return path
 
   @property
   def vocab_size(self) -> int:

@@ -17,15 +17,15 @@ import textwrap
 from flax import nnx
 
 from trace_jax.data import prompts
-from trace_jax.data.tokenizer import EMB_TOKEN, HFTokenizer, SentencePieceTokenizer, Tokenizer
-from trace_jax.model.hf_io import save_hf
+from trace_jax.data.tokenizer import (EMB_TOKEN, SENTENCEPIECE_FILE, HFTokenizer,
+                                      SentencePieceTokenizer, Tokenizer)
 from trace_jax.model import token_rows
+from trace_jax.model.hf_io import save_hf
 from trace_jax.model.lora import merge_lora
 from trace_jax.model.qwen_vl import QwenVL
 
 README_FILE = "README.md"
 EMBEDDING_FILE = "trace_embedding.json"
-SENTENCEPIECE_FILE = "sentencepiece.model"
 # Processor files of the base model that transformers reads next to the weights.
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "generation_config.json")
@@ -115,8 +115,7 @@ def _save_tokenizer(tokenizer: Tokenizer | None, out_dir: str) -> str | None:
     tokenizer.save(out_dir)
     return "hf"
   if isinstance(tokenizer, SentencePieceTokenizer):
-    with open(os.path.join(out_dir, SENTENCEPIECE_FILE), "wb") as f:
-      f.write(tokenizer.serialized())
+    tokenizer.save(out_dir)
     return "sentencepiece"
   raise TypeError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
 

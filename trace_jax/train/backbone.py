@@ -18,7 +18,6 @@ import jax
 
 from trace_jax import sharding
 from trace_jax.data.tokenizer import SentencePieceTokenizer
-from trace_jax.infer.export import SENTENCEPIECE_FILE
 from trace_jax.model.hf_io import save_hf
 from trace_jax.train import loop, trained
 
@@ -48,8 +47,7 @@ def ensure(spec, say=print) -> str:
   if not isinstance(tok, SentencePieceTokenizer):
     raise TypeError(f"the backbone's tokenizer is a {type(tok).__name__}; expected the demo "
                     "world's SentencePiece model")
-  with open(os.path.join(partial, SENTENCEPIECE_FILE), "wb") as f:
-    f.write(tok.serialized())
+  tok.save(partial)
   os.replace(partial, out)
   say(f"backbone: wrote {out} (step {step})")
   return out
