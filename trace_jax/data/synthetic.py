@@ -403,11 +403,6 @@ def _draw_splits(sizes: Mapping[str, Mapping[int, int]], seed: int,
                   for t, n in sizes[split].items()} for split in _SPLITS}
 
 
-def split_scenes(drawn: Mapping[int, Sequence[_Query]]) -> frozenset[rules.Scene]:
-  """Every scene the queries of one split show or retrieve, over all tasks."""
-  return frozenset(s for qs in drawn.values() for q in qs for s in _scenes(q))
-
-
 def _write_split(out_dir: str, split: str, drawn: Mapping[int, list[_Query]], seed: int,
                  spec: WorldSpec, image_size: int, ids: _Ids) -> tuple[dict, int]:
   """Writes one split's per-task files, images, CoT file and union pool.

@@ -111,12 +111,10 @@ def _save_tokenizer(tokenizer: Tokenizer | None, out_dir: str) -> str | None:
   """Writes the tokenizer; returns its kind ("hf", "sentencepiece") or None."""
   if tokenizer is None:
     return None
-  if isinstance(tokenizer, HFTokenizer):
+  kinds = {HFTokenizer: "hf", SentencePieceTokenizer: "sentencepiece"}
+  if type(tokenizer) in kinds:
     tokenizer.save(out_dir)
-    return "hf"
-  if isinstance(tokenizer, SentencePieceTokenizer):
-    tokenizer.save(out_dir)
-    return "sentencepiece"
+    return kinds[type(tokenizer)]
   raise TypeError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
 
 

@@ -34,7 +34,7 @@ def ensure(spec, say=print) -> str:
     return out
   if jax.process_count() > 1:
     raise RuntimeError(f"backbone {out} is missing: build it with one process first "
-                       f"(python -m trace_jax.main on this config with one process)")
+                       "(python -m trace_jax.main on this config with one process)")
   config = spec.config
   say(f"backbone: building {out}: {config.total_steps} steps of LM-only pretraining in "
       f"{spec.workdir}, then a Hugging Face export")
