@@ -12,7 +12,7 @@ from tests.model import reference
 from tests.model.reference import Case
 from trace_jax.data.tokenizer import HFTokenizer
 from trace_jax.model.hf_io import load_hf
-from trace_jax.train import checkpoint, loop
+from trace_jax.train import checkpoint, loop, trained
 
 
 def test_loop_fine_tunes_a_hugging_face_checkpoint(tmp_path):
@@ -48,3 +48,11 @@ def test_loop_fine_tunes_a_hugging_face_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(model.decoder.layers.q.base.kernel[...]),
                                 np.asarray(base.decoder.layers.q.kernel[...]))
   assert np.abs(np.asarray(model.decoder.layers.q.lora_b[...])).max() > 0  # Adapters trained.
+
+  # For inference the run's model comes merged: the same function, no adapters left.
+  inference = trained.load_model(config, workdir, None)[0]
+  assert not list(nnx.to_flat_state(nnx.state(inference, nnx.LoRAParam)))
+  assert inference.token_rows is None
+  ids = np.array([[3, 5, emb_id, 7]], np.int32)
+  np.testing.assert_allclose(np.asarray(inference(ids).logits), np.asarray(model(ids).logits),
+                             rtol=1e-4, atol=1e-4)
