@@ -10,9 +10,11 @@ the first time a fine-tuning config needs it and reuses it afterwards. Fine-tuni
 of a released checkpoint: `ckpt.init_from`, `<|emb|>` appended to the tokenizer and its rows
 added (`vocab.add_token_rows`), LoRA on the decoder, the vision tower frozen, the merger trained.
 
-Usage: --config=configs/demo.py[:ablation=direct,steps=N,seed=S,stage=backbone]. `ablation=direct`
-is the direct-only baseline: no reasoning targets, lambda_gen = 0, the direct encoder. `seed`
-seeds fine-tuning (LoRA init, data order); the backbone is the same for every seed.
+Usage: --config=configs/demo.py[:ablation=direct,steps=N,seed=S,stage=backbone,backbone=none].
+`ablation=direct` is the direct-only baseline: no reasoning targets, lambda_gen = 0, the direct
+encoder. `seed` seeds fine-tuning (LoRA init, data order); the backbone is the same for every
+seed. `backbone=none` trains every weight from random initialisation instead (the demo before it
+had a backbone; quick runs that need no pretraining, such as the tests').
 """
 
 import ml_collections
@@ -32,34 +34,28 @@ WORLD_FIELDS = ("root", "generate_world", "world_seed", "world_train", "world_te
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"ablation": "", "steps": 600, "backbone_steps": 900,
-                                "seed": 0, "stage": "finetune", "dtype": "float32"})
+                                "seed": 0, "stage": "finetune", "backbone": "pretrained",
+                                "dtype": "float32"})
   if args["ablation"] not in ("", "direct"):
     raise ValueError(f"ablation={args['ablation']!r}; expected '' or 'direct'")
   if args["stage"] not in ("finetune", "backbone"):
     raise ValueError(f"stage={args['stage']!r}; expected 'finetune' or 'backbone'")
+  if args["backbone"] not in ("pretrained", "none"):
+    raise ValueError(f"backbone={args['backbone']!r}; expected 'pretrained' or 'none'")
   if args["stage"] == "backbone":
     return backbone_config(args)
   c = _world_and_model(args)
   c.seed = c.data.seed = args["seed"]
   c.total_steps = args["steps"]
-  pretrain = backbone_config(args)
-  for key in WORLD_FIELDS:  # One world: `--config.data.root=...` moves both stages.
-    ref = ml_collections.FieldReference(c.data[key])
-    c.data[key] = pretrain.data[key] = ref
-  hf_dir = ml_collections.FieldReference(f"{BACKBONE}/hf")
-  c.backbone = ml_collections.ConfigDict(dict(workdir=BACKBONE, hf_dir=hf_dir, config=pretrain))
-  c.ckpt.init_from = hf_dir
-  c.data.tokenizer = hf_dir + "/sentencepiece.model"
-
-  # The paper's recipe at this width: LoRA on every decoder projection, vision tower frozen,
-  # merger trained.
-  c.lora.rank = 32
-  c.lora.alpha = 64.0
-  c.optim.train_vision = False
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 30
-  c.optim.final_lr_fraction = 0.05
-  c.optim.weight_decay = 0.0
+  if args["backbone"] == "pretrained":
+    _from_backbone(c, backbone_config(args))
+  else:  # From random weights: every weight trains, the vision tower included.
+    c.lora.rank = 0
+    c.optim.train_vision = True
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.final_lr_fraction = 0.05
+    c.optim.weight_decay = 0.01
 
   c.loss.temperature = 0.05
   c.loss.contrastive_chunk = 32
@@ -80,6 +76,25 @@ def get_config(arg: str = ""):
   c.eval.qps_queries = 200
   c.eval.qps_rounds = 5
   return c
+
+
+def _from_backbone(c, pretrain):
+  """Fine-tuning from the backbone `pretrain` builds, the paper's recipe at this width: LoRA on
+  every decoder projection, vision tower frozen, merger trained."""
+  for key in WORLD_FIELDS:  # One world: `--config.data.root=...` moves both stages.
+    ref = ml_collections.FieldReference(c.data[key])
+    c.data[key] = pretrain.data[key] = ref
+  hf_dir = ml_collections.FieldReference(f"{BACKBONE}/hf")
+  c.backbone = ml_collections.ConfigDict(dict(workdir=BACKBONE, hf_dir=hf_dir, config=pretrain))
+  c.ckpt.init_from = hf_dir
+  c.data.tokenizer = hf_dir + "/sentencepiece.model"
+  c.lora.rank = 32
+  c.lora.alpha = 64.0
+  c.optim.train_vision = False
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 30
+  c.optim.final_lr_fraction = 0.05
+  c.optim.weight_decay = 0.0
 
 
 def backbone_config(args):

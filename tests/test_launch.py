@@ -207,7 +207,8 @@ def test_local_multiprocess_trains_demo(tmp_path):
   workdir = tmp_path / "run"
   out = _bash(
     "local_multiprocess.sh", "--num_processes=2", "--devices_per_process=4",
-    f"--port={_free_port()}", "--config=configs/demo.py:steps=2", f"--workdir={workdir}",
+    f"--port={_free_port()}", "--config=configs/demo.py:steps=2,backbone=none",
+    f"--workdir={workdir}",
     f"--config.data.root={tmp_path / 'world'}", "--config.data.world_train=48",
     "--config.data.world_test=8", "--config.data.global_batch=16", "--config.data.data_shards=2",
     "--config.log.every_steps=1", env=_env(PYTHON=sys.executable), timeout=600)

@@ -22,7 +22,7 @@ TASKS = ("synthetic_task0", "synthetic_task7")
 
 
 def small_config(tmp, steps=2):
-  config = demo.get_config(f"steps={steps}")
+  config = demo.get_config(f"steps={steps},backbone=none")
   config.data.root = str(tmp / "world")
   config.data.world_train, config.data.world_test = 48, 8
   config.data.global_batch = 16
@@ -126,7 +126,7 @@ def test_two_processes_give_one_processs_recalls(trained, tmp_path):
   """`trace_jax.eval` with 2 processes x 4 devices equals 1 process x 8, on the union pool (each
   process encodes half the queries and half the pool)."""
   config, workdir = trained
-  base = [sys.executable, "-m", "trace_jax.eval", "--config=configs/demo.py:steps=2",
+  base = [sys.executable, "-m", "trace_jax.eval", "--config=configs/demo.py:steps=2,backbone=none",
           f"--config.data.root={config.data.root}", "--config.eval.max_new_tokens=3",
           "--config.eval.qps_queries=0", "--config.eval.batch_size=8", "--pool=global",
           f"--tasks={','.join(TASKS)}"]

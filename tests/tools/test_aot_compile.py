@@ -11,7 +11,7 @@ from trace_jax.model import factory
 from trace_jax.tools import aot_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--config=configs/demo.py:dtype=bfloat16", "--config.lora.rank=4",
+TINY = ["--config=configs/demo.py:dtype=bfloat16,backbone=none", "--config.lora.rank=4",
         "--config.data.global_batch=16", "--config.data.query_len=64",
         "--config.data.cand_len=32", "--config.data.image_grid=(1,4,4)",
         "--config.loss.emb_token_id=504", "--config.mesh.data=2",

@@ -89,7 +89,8 @@ def test_typo_and_bad_sweeps_fail_before_anything_runs(tmp_path):
 def test_dry_run_prints_one_command_per_variant(tmp_path):
   path = os.path.join(ROOT, "configs", "sweeps", "lora.py")
   workdir = str(tmp_path / "lora")
-  proc = cli(f"--sweep={path}", "--config=configs/demo.py:steps=7", f"--workdir={workdir}",
+  proc = cli(f"--sweep={path}", "--config=configs/demo.py:steps=7,backbone=none",
+             f"--workdir={workdir}",
              "--dry_run", "--extra=--config.log.every_steps=1 --config.data.root=/x")
   assert proc.returncode == 0, proc.stderr
   lines = [line for line in proc.stdout.splitlines() if "trace_jax.main" in line]
@@ -98,7 +99,7 @@ def test_dry_run_prints_one_command_per_variant(tmp_path):
   for line, v in zip(lines, variants):
     args = line.split()
     assert args[1:3] == ["-m", "trace_jax.main"]
-    assert "--config=configs/demo.py:steps=7" in args
+    assert "--config=configs/demo.py:steps=7,backbone=none" in args
     assert f"--workdir={os.path.join(workdir, v['name'])}" in args
     assert "--config.log.every_steps=1" in args and "--config.data.root=/x" in args
     assert f"--config.lora.rank={v['lora.rank']}" in args
@@ -195,7 +196,8 @@ def test_real_two_variant_sweep_of_the_tiny_demo(tmp_path):
   extra = (f"--config.total_steps=2 --config.data.root={tmp_path / 'world'} "
            "--config.data.world_train=48 --config.data.world_test=8 --config.data.global_batch=16 "
            "--config.log.every_steps=1 --config.ckpt.every_steps=2")
-  args = (f"--sweep={path}", "--config=configs/demo.py", f"--workdir={workdir}", f"--extra={extra}")
+  args = (f"--sweep={path}", "--config=configs/demo.py:backbone=none", f"--workdir={workdir}",
+          f"--extra={extra}")
   proc = cli(*args, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def small_demo(tmp, steps=2):
-  config = demo.get_config(f"steps={steps}")
+  config = demo.get_config(f"steps={steps},backbone=none")
   config.data.root = str(tmp / "world")
   config.data.world_train, config.data.world_test = 48, 8
   config.data.global_batch = 16

@@ -24,7 +24,7 @@ def test_loop_fine_tunes_a_hugging_face_checkpoint(tmp_path):
   cfg = reference.hf_config(case, vocab=tok.get_vocab_size() + 8)  # Padded past the tokenizer.
   transformers.Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(hf_dir)
 
-  config = demo.get_config("steps=2")
+  config = demo.get_config("steps=2,backbone=none")
   config.ckpt.init_from = hf_dir
   config.data.tokenizer = f"{hf_dir}/tokenizer.json"
   config.data.root = str(tmp_path / "world")

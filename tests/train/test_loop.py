@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def command(world: str, workdir: str) -> list[str]:
-  return [sys.executable, "-m", "trace_jax.main", "--config=configs/demo.py:steps=6",
+  return [sys.executable, "-m", "trace_jax.main", "--config=configs/demo.py:steps=6,backbone=none",
           f"--workdir={workdir}", f"--config.data.root={world}", "--config.data.world_train=48",
           "--config.data.world_test=8", "--config.data.global_batch=16",
           "--config.optim.warmup_steps=0", "--config.log.every_steps=2",
@@ -87,7 +87,7 @@ def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
   world, _ = uninterrupted
   workdir = str(tmp_path / "preempted")
   cmd = command(world, workdir)
-  cmd[3] = "--config=configs/demo.py:steps=200"
+  cmd[3] = "--config=configs/demo.py:steps=200,backbone=none"
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
@@ -143,7 +143,7 @@ def test_marker_readout_and_candidate_side_reasoning_train_and_evaluate(uninterr
   world, plain = uninterrupted
   workdir = str(tmp_path / "ablations")
   cmd = command(world, workdir)
-  cmd[3] = "--config=configs/demo.py:steps=2"
+  cmd[3] = "--config=configs/demo.py:steps=2,backbone=none"
   cmd = [c for c in cmd if not c.startswith(("--config.eval.after_train", "--config.log.prof"))]
   cmd += ["--config.data.reasoning_marker=True", "--config.loss.readout=end_of_reasoning",
           "--config.data.cand_target=full", "--config.data.cand_len=80",

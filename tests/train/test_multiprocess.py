@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 def _command(world, workdir, *extra):
-  return [sys.executable, "-m", "trace_jax.main", "--config=configs/demo.py:steps=3",
+  return [sys.executable, "-m", "trace_jax.main", "--config=configs/demo.py:steps=3,backbone=none",
           f"--workdir={workdir}", f"--config.data.root={world}", "--config.data.world_train=48",
           "--config.data.world_test=8", "--config.data.global_batch=16",
           "--config.data.data_shards=2", "--config.optim.warmup_steps=0",
