@@ -49,13 +49,8 @@ def get_config(arg: str = ""):
   c.total_steps = args["steps"]
   if args["backbone"] == "pretrained":
     _from_backbone(c, backbone_config(args))
-  else:  # From random weights: every weight trains, the vision tower included.
-    c.lora.rank = 0
-    c.optim.train_vision = True
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
-    c.optim.final_lr_fraction = 0.05
-    c.optim.weight_decay = 0.01
+  else:
+    _from_random_weights(c)
 
   c.loss.temperature = 0.05
   c.loss.contrastive_chunk = 32
@@ -97,16 +92,21 @@ def _from_backbone(c, pretrain):
   c.optim.weight_decay = 0.0
 
 
-def backbone_config(args):
-  """The backbone's pretraining: every weight trains from scratch, LM loss only."""
-  c = _world_and_model(args)
-  c.total_steps = args["backbone_steps"]
+def _from_random_weights(c):
+  """Every weight trains, the vision tower included (the backbone, and `backbone=none`)."""
   c.lora.rank = 0
   c.optim.train_vision = True
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.final_lr_fraction = 0.05
   c.optim.weight_decay = 0.01
+
+
+def backbone_config(args):
+  """The backbone's pretraining: every weight trains from scratch, LM loss only."""
+  c = _world_and_model(args)
+  c.total_steps = args["backbone_steps"]
+  _from_random_weights(c)
   c.loss.lambda_ret = 0.0
   c.data.target = "lm"
   c.data.train_files = _files(PRETRAIN_TASKS)

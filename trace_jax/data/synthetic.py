@@ -393,18 +393,18 @@ def _summarize(tasks, drawn, written, n_images, seed, image_size, task_mix, spec
 # Entry point.
 
 
-def _draw_splits(sizes: Mapping[str, Mapping[int, int]], seed: int,
-                 spec: WorldSpec) -> dict[str, dict[int, list[_Query]]]:
+def _draw_splits(sizes: Mapping[str, Mapping[int, int]], seed: int, spec: WorldSpec,
+                 scene_split: _SceneSplit) -> dict[str, dict[int, list[_Query]]]:
   """Queries per split and task, each from its own random stream; a query's scenes all belong
-  to its split (`_SceneSplit`), so no test scene is in any train query of any task."""
-  scene_split = _SceneSplit(seed, spec.test_scene_fraction)
+  to its split (`scene_split`), so no test scene is in any train query of any task."""
   return {split: {t: _draw_task(t, n, random.Random(f"{seed}/{split}/task{t}"), spec,
                                 split=split, scene_split=scene_split)
                   for t, n in sizes[split].items()} for split in _SPLITS}
 
 
 def _write_split(out_dir: str, split: str, drawn: Mapping[int, list[_Query]], seed: int,
-                 spec: WorldSpec, image_size: int, ids: _Ids) -> tuple[dict, int]:
+                 spec: WorldSpec, image_size: int, ids: _Ids,
+                 scene_split: _SceneSplit) -> tuple[dict, int]:
   """Writes one split's per-task files, images, CoT file and union pool.
 
   Returns:
@@ -413,7 +413,7 @@ def _write_split(out_dir: str, split: str, drawn: Mapping[int, list[_Query]], se
   written, scenes = {}, []
   for t, queries in drawn.items():
     pool = _pool(t, queries, random.Random(f"{seed}/{split}/task{t}/pool"), spec, split,
-                 _SceneSplit(seed, spec.test_scene_fraction))
+                 scene_split)
     written[t] = _write_task(out_dir, split, t, queries, pool, ids)
     scenes += [s for s in pool if isinstance(s, rules.Scene)]
     scenes += [q.image for q in queries if q.image is not None]
@@ -466,11 +466,12 @@ def generate_world(out_dir: str, *, seed: int = 0, image_size: int = 56, n_train
   tasks = tuple(t for t in TASKS if task_mix.get(t, 0) > 0)
   sizes = {"test": dict.fromkeys(tasks, n_test),
            "train": _task_counts(n_train, {t: task_mix[t] for t in tasks})}
-  drawn = _draw_splits(sizes, seed, spec)
+  scene_split = _SceneSplit(seed, spec.test_scene_fraction)
+  drawn = _draw_splits(sizes, seed, spec, scene_split)
   ids, written, n_images = _Ids(), {}, {}
   for split in _SPLITS:
     written[split], n_images[split] = _write_split(out_dir, split, drawn[split], seed, spec,
-                                                   image_size, ids)
+                                                   image_size, ids, scene_split)
   union = [r for t in tasks for r in written["train"][t]["queries"]]
   random.Random(f"{seed}/union_train").shuffle(union)
   _write_jsonl(os.path.join(out_dir, "query", "union_train", "mbeir_union_up_train.jsonl"), union)
