@@ -154,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
   # part of the query's teacher output first (its LM loss joins L_gen); candidates are then
   # encoded by generation. Raise data.cand_len to fit it.
   c.data.cand_target = "none"
+  # One hard negative per query beside the in-batch ones (trace_jax/data/negatives.py): none |
+  # listed (one of the query's neg_cand_list; a query listing none draws from its pool) | pool.
+  c.data.hard_negatives = "none"
   # Instruction prompt per query: "first" or "random" (UniIR draws one at random).
   c.data.instruction_mode = "random"
   # A tokenizer.json (Hugging Face) or .model (SentencePiece); "" = train one on the demo world.

@@ -1,5 +1,5 @@
 """The Grain pipeline: static padded batches, determinism, exact resume, task mixing, process
-sharding, bad examples, workers, and a real train step on its output."""
+sharding, bad examples, workers, hard negatives, and a real train step on its output."""
 
 import dataclasses
 
@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 
 from tests.data import pipeline_fixture as fx
 from trace_jax import sharding
-from trace_jax.data import shards
+from trace_jax.data import mbeir, shards
+from trace_jax.data.examples import TrainExample
 from trace_jax.data.pipeline import (SKIP_REASONS, SKIPPED, Buckets, TooManyBadExamplesError,
                                      group_by_task, make_dataset, to_global)
 from trace_jax.data.transforms import TRUNCATED
@@ -229,3 +230,52 @@ def test_global_batches_do_not_depend_on_the_process_count(tok):
       if width:  # Each half may pad to a shorter bucket.
         parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
       np.testing.assert_array_equal(batch[key], np.concatenate(parts), err_msg=key)
+
+
+def with_negatives(examples):
+  """Each example's hard negative: the next example's candidate of the same task."""
+  by_task = group_by_task(examples)
+  out = []
+  for e in examples:
+    same = [TrainExample.from_dict(r) for r in by_task[e.task_id]]
+    other = same[(next(i for i, x in enumerate(same) if x.example_id == e.example_id) + 1) %
+                 len(same)]
+    out.append(dataclasses.replace(e, neg_id=other.cand_id, neg_text=other.cand_text,
+                                   neg_image=other.cand_image))
+  return out
+
+
+def test_hard_negatives_are_a_third_side_encoded_as_candidates(tok, mesh):
+  examples = with_negatives(fx.examples(24))
+  host = take(dataset(tok, examples, batch_size=8), 1)[0]
+  assert "neg_target_mask" not in host  # Negatives learn no text.
+  assert host["neg_ids"].shape[1] in BUCKETS.cand and "neg_pixels" in host
+  # A negative is encoded exactly as that candidate is on the cand side.
+  to_arrays = ToArrays(tok, fx.model_config(tok), SHAPES, fx.ROOT)
+  for i in range(8):
+    n = host["neg_mask"][i].sum()
+    ex = next(e for e in examples if mbeir.did_key(e.neg_id) == host["neg_key"][i])
+    as_cand = to_arrays.map(dataclasses.replace(ex, cand_id=ex.neg_id, cand_text=ex.neg_text,
+                                                cand_image=ex.neg_image).to_dict())
+    np.testing.assert_array_equal(host["neg_ids"][i, :n], as_cand["cand_ids"])
+    np.testing.assert_array_equal(host["neg_positions"][:, i, :n], as_cand["cand_positions"])
+    if ex.neg_image:
+      np.testing.assert_array_equal(host["neg_pixels"][i], as_cand["cand_pixels"])
+  # The step ranks the positive against the negatives too: at the same weights, the InfoNCE
+  # over more columns is larger (its log-sum-exp only gains terms).
+  with_neg, _ = two_steps(tok, mesh, host)
+  without, _ = two_steps(tok, mesh, {k: v for k, v in host.items() if not k.startswith("neg_")})
+  assert with_neg["loss/contrastive"] > without["loss/contrastive"] + 0.05
+  assert with_neg["loss/lm"] == pytest.approx(without["loss/lm"], rel=1e-5)
+
+
+def test_bad_hard_negatives_are_bad_examples(tok):
+  examples = with_negatives(fx.examples(8))
+  examples[0] = dataclasses.replace(examples[0], neg_image="mbeir_images/none.jpg")
+  examples[2] = dataclasses.replace(examples[2], neg_text=" ", neg_image=None)
+  batches = take(dataset(tok, examples, on_bad="skip", batch_size=2, max_skip_fraction=0.9,
+                         skip_window=8), 8)
+  reasons = [r for b in batches for r in b[SKIP_REASONS]]
+  for i, what in ((0, "image not found"), (2, f"hard negative {examples[2].neg_id} has empty")):
+    named = [r for r in reasons if r.startswith(f"fixture:{i} (query 10:{i}): ")]
+    assert named and all(what in r for r in named), (i, reasons)

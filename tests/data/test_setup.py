@@ -1,5 +1,6 @@
-"""From a config to training data: the end-of-reasoning marker and candidate-side reasoning
-options (`data.reasoning_marker`, `data.cand_target`) on the demo world."""
+"""From a config to training data: the end-of-reasoning marker, candidate-side reasoning and hard
+negatives (`data.reasoning_marker`, `data.cand_target`, `data.hard_negatives`) on the demo
+world."""
 
 import os
 
@@ -9,7 +10,7 @@ from ml_collections import ConfigDict
 
 from configs import common, demo
 from trace_jax.data import setup as data_setup
-from trace_jax.data import shards, synthetic
+from trace_jax.data import mbeir, shards, synthetic
 from trace_jax.data.pipeline import Buckets, pad_batch
 from trace_jax.data.tokenizer import EOR_TOKEN
 from trace_jax.data.transforms import Shapes, ToArrays
@@ -92,6 +93,28 @@ def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
   with pytest.raises(ValueError, match=first.example_id):
     shards.write_examples([first], data.root, out)
   assert not os.path.exists(out)  # Nothing half-written.
+
+
+def test_hard_negatives_from_the_world_and_not_from_shards(data, tmp_path):
+  """The world lists each query's one-attribute neighbours; `listed` trains on them (every
+  task-6 answer has some, so no task-6 query draws from the pool); shards cannot hold them."""
+  data.hard_negatives = "listed"
+  try:
+    examples = data_setup.load_examples(data)
+    with pytest.raises(ValueError, match="fixed at conversion.*hard_negatives"):
+      data.shards_dir = "some/shards"
+      data_setup.check_shards_targets(data)
+  finally:
+    data.hard_negatives, data.shards_dir = "none", ""
+  queries = {}
+  for query_file, _ in data.train_files:
+    queries.update({q.qid: q for q in mbeir.load_queries(os.path.join(data.root, query_file))})
+  assert all(e.neg_id is not None and e.neg_id != e.cand_id for e in examples)
+  assert all(e.neg_id in queries[e.qid].neg_cand_list for e in examples if e.task_id == 6)
+  out = str(tmp_path / "ds")
+  with pytest.raises(ValueError, match=f"{examples[0].example_id}: shards do not hold neg_id"):
+    shards.write_examples(examples[:1], data.root, out)
+  assert not os.path.exists(out)
 
 
 def test_lm_target_is_a_plain_chat_turn_without_candidates(data):

@@ -148,6 +148,29 @@ def test_yes_no_answers_follow_the_grid():
                                 for q in qs}
 
 
+def changed_fields(a: rules.Scene, b: rules.Scene) -> list[str] | None:
+  """The fields that differ between two scenes, object by object, when exactly one object of
+  each differs (None otherwise)."""
+  only_a = [o for o in a.objects if o not in b.objects]
+  only_b = [o for o in b.objects if o not in a.objects]
+  if len(a.objects) != len(b.objects) or len(only_a) != 1 or len(only_b) != 1:
+    return None
+  return [f for f in ("cell", "colour", "shape") if getattr(only_a[0], f) != getattr(only_b[0], f)]
+
+
+def test_one_change_neighbours_of_a_scene_and_of_an_answer():
+  near = rules.one_change_scenes(SCENE)
+  # Per object: 3 other colours, the 1 free shape, the 7 free cells.
+  assert len(near) == len(set(near)) == 2 * (3 + 1 + 7)
+  assert all(len(changed_fields(SCENE, s) or []) == 1 for s in near)
+  assert rules.one_change_answers("yes") == ["no"]
+  assert rules.one_change_answers("red") == ["green", "blue", "yellow"]
+  assert len(rules.one_change_answers("top left")) == 8
+  assert rules.one_change_answers("red circle") == [
+    "green circle", "blue circle", "yellow circle", "red square", "red triangle"]
+  assert {a for t in rules.ANSWERS for a in rules.one_change_answers(t)} == set(rules.ANSWERS)
+
+
 def test_render_scene_is_rgb_and_coloured_where_the_object_is():
   img = synthetic.render_scene(SCENE, 56)
   assert (img.mode, img.size) == ("RGB", (56, 56))
@@ -202,7 +225,7 @@ def test_lines_have_the_real_mbeir_keys_and_types(world):
     for q in queries:
       assert list(q) == QUERY_KEYS
       assert re.fullmatch(r"10:[1-9]\d*", q["qid"]) and q["task_id"] == task
-      assert q["query_modality"] == qmod and q["neg_cand_list"] == []
+      assert q["query_modality"] == qmod
       assert (q["query_txt"] is None) == (task == 3)
       assert (q["query_img_path"] is None) == (task == 0)
       assert all(isinstance(d, str) for d in q["pos_cand_list"])
@@ -283,6 +306,26 @@ def test_edits_change_the_scene_and_the_pool_holds_the_source(world):
       assert q["query_img_path"] in images
       two_step += " and " in q["query_txt"]
   assert 20 <= two_step <= 60  # of 80 queries, half two-step by default
+
+
+def test_negatives_are_the_pool_items_one_attribute_from_the_positive(world):
+  def text(c):  # A candidate as text: its answer or caption, or its image's caption.
+    return c["txt"] or rules.caption(rules.parse_scene_name(c["img_path"]))
+  listed = {task: 0 for task in synthetic.TASKS}
+  for _, task, (queries, pool, _) in each_task(world):
+    texts = {text(c) for c in pool.values()}
+    for q in queries:
+      pos = pool[q["pos_cand_list"][0]]
+      if task == 6:
+        near = rules.one_change_answers(pos["txt"])
+      else:
+        scene = rules.parse_scene_name(q["query_img_path"] if task == 3 else pos["img_path"])
+        near = [rules.caption(s) for s in rules.one_change_scenes(scene)]
+      negs = [text(pool[d]) for d in q["neg_cand_list"]]
+      assert sorted(negs) == sorted(set(near) & texts), q
+      listed[task] += bool(negs)
+      assert negs or task != 6  # Every answer has neighbours in the answer set.
+  assert all(listed.values()), listed  # Small pools: not every scene has a neighbour in them.
 
 
 def test_task6_pool_is_the_answer_set(world):

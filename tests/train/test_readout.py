@@ -67,3 +67,18 @@ def test_step_config_takes_the_token_ids_from_the_tokenizer(tmp_path):
   config.data.reasoning_marker = True
   with pytest.raises(KeyError):  # The tokenizer must have the marker as one token.
     setup.step_config(config, tok)
+
+
+def test_lm_only_pretraining_refuses_what_needs_candidates(tmp_path):
+  tok = fx.tokenizer(str(tmp_path))
+  config = common.base_config()
+  config.data.target, config.loss.lambda_ret = "lm", 0.0
+  assert setup.step_config(config, tok).emb_token_id == -1
+  for key, value in (("loss.lambda_ret", 1.0), ("optim.micro_batches", 2),
+                     ("data.hard_negatives", "listed")):
+    section, field = key.split(".")
+    before = config[section][field]
+    config[section][field] = value
+    with pytest.raises(ValueError, match="trains the language model alone"):
+      setup.step_config(config, tok)
+    config[section][field] = before

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from trace_jax.data import cot as cot_lib
 from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir
+from trace_jax.data import negatives
 
 CAND_TARGETS = ("none", "answer", "full")  # Candidate-side reasoning (`data.cand_target`).
 COT_MISSING = ("error", "drop")
@@ -39,6 +40,10 @@ class TrainExample:
   # What the candidate writes before `<|emb|>` (candidate-side reasoning, `data.cand_target`);
   # None: it embeds at once (the paper's setting).
   cand_reasoning: str | None = None
+  # The hard negative (`data.hard_negatives`, `negatives.py`); None: in-batch negatives only.
+  neg_id: str | None = None
+  neg_text: str | None = None
+  neg_image: str | None = None
 
   @property
   def is_reasoning(self) -> bool:
@@ -57,7 +62,8 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
                    instruction_mode: str = "first", seed: int = 0, target: str = "full",
                    cand_target: str = "none", marker: str = "",
-                   cot_missing: str = "error") -> list[TrainExample]:
+                   cot_missing: str = "error", hard_negatives: str = "none"
+                   ) -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
 
   Every query must have its positive in `pool`. When `cot` is given, a query without a CoT
@@ -73,6 +79,7 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
   output (whose answer describes this very candidate) before its `<|emb|>`; candidates of direct
   queries write nothing. `marker`: the
   end-of-reasoning token written after the reasoning (`data.reasoning_marker`), or "".
+  `hard_negatives`: "none", "listed" or "pool", each example's hard negative (`negatives.py`).
   """
   if cand_target not in CAND_TARGETS:
     raise ValueError(f"data.cand_target={cand_target!r}; expected one of {CAND_TARGETS}")
@@ -83,6 +90,7 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
   rng = random.Random(seed)
   out, dropped = [], 0
   name = os.path.basename(query_file)
+  pick_negative = negatives.NegativePicker(hard_negatives, pool, seed, name)
   for line, record in mbeir.read_jsonl(query_file):
     where = f"{query_file}:{line}"
     query = mbeir.parse_query(record, where)
@@ -110,18 +118,24 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
       if not (reasoning or "").strip():
         raise ValueError(f"{where}: query {query.qid} has nothing to learn under "
                          "data.target='lm': no teacher output and no candidate text")
+    neg = pick_negative(query, where)
     out.append(TrainExample(f"{name}:{line}", query.qid, query.task_id, text, query.image_path,
-                            reasoning, did, cand.text, cand.image_path, cand_reasoning))
+                            reasoning, did, cand.text, cand.image_path, cand_reasoning,
+                            *((neg.did, neg.text, neg.image_path) if neg else ())))
   if dropped:
     _log.info("%s: %d of %d queries have no M-BEIR-CoT record and are not trained on "
               "(data.cot_missing=drop)", query_file, dropped, dropped + len(out))
+  if pick_negative.from_pool:
+    _log.info("%s: %d of %d queries list no negative candidate; their hard negatives are drawn "
+              "from the pool (data.hard_negatives=listed)", query_file,
+              pick_negative.from_pool, len(out))
   return out
 
 
 def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
                instruction_mode: str = "first", seed: int = 0, target: str = "full",
                cand_target: str = "none", marker: str = "",
-               cot_missing: str = "error") -> list[TrainExample]:
+               cot_missing: str = "error", hard_negatives: str = "none") -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
   reasoning from `cot_file` (None: every example is direct); the keywords as `build_examples`."""
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
@@ -131,5 +145,6 @@ def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None
     pool = mbeir.load_pool(os.path.join(root, pool_file))
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
                           instruction_mode=instruction_mode, seed=seed, target=target,
-                          cand_target=cand_target, marker=marker, cot_missing=cot_missing)
+                          cand_target=cand_target, marker=marker, cot_missing=cot_missing,
+                          hard_negatives=hard_negatives)
   return out

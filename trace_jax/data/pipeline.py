@@ -109,11 +109,12 @@ class _SkipBad(grain.IterDataset):
 
 
 def image_sides(tasks: Sequence[int]) -> frozenset[str]:
-  """The sides on which some task of `tasks` has images (M-BEIR task ids; unknown ids: both)."""
+  """The sides on which some task of `tasks` has images (M-BEIR task ids; unknown ids: all);
+  hard negatives (`neg`) are candidates."""
   out = set()
   for task in tasks:
     query, cand = mbeir.TASK_MODALITIES.get(task, ("image", "image"))
-    out.update(side for side, modality in (("query", query), ("cand", cand))
+    out.update(side for side, modality in (("query", query), ("cand", cand), ("neg", cand))
                if "image" in modality.split(","))
   return frozenset(out)
 
@@ -124,8 +125,8 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
   bookkeeping keys. Pixels for the sides in `with_pixels` (zeros for a row without an image);
   None: for the sides where some row has an image (a batch of one task)."""
   out: dict[str, Any] = {}
-  for side, sizes in (("query", buckets.query), ("cand", buckets.cand)):
-    if f"{side}_ids" not in examples[0]:  # No candidates: a backbone's LM-only pretraining.
+  for side, sizes in (("query", buckets.query), ("cand", buckets.cand), ("neg", buckets.cand)):
+    if f"{side}_ids" not in examples[0]:  # No candidates (LM-only pretraining), no negatives.
       continue
     lengths = [len(e[f"{side}_ids"]) for e in examples]
     t = Buckets.pick(max(lengths), sizes)
@@ -146,7 +147,7 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
       out[f"{side}_pixels"] = np.stack([e[f"{side}_pixels"] for e in examples])
     if has_target:
       out[f"{side}_target_mask"] = target
-  for key in ("query_is_reasoning", "task_id", "cand_key"):
+  for key in ("query_is_reasoning", "task_id", "cand_key", "neg_key"):
     if key in examples[0]:
       out[key] = np.asarray([e[key] for e in examples], np.int32)
   reasons = [r for e in examples for r in e.get(SKIP_REASONS, ())]

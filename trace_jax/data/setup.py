@@ -30,7 +30,8 @@ DEMO_MARKER_TOKENIZER = "tokenizer_eor.model"
 # fine-tuning appends to it (`SentencePieceTokenizer.from_file`).
 DEMO_BASE_TOKENIZER = "tokenizer_base.model"
 # Data fields whose effect ArrayRecord shards fix at conversion, with their defaults.
-SHARD_FIXED = {"target": "full", "cand_target": "none", "reasoning_marker": False}
+SHARD_FIXED = {"target": "full", "cand_target": "none", "reasoning_marker": False,
+               "hard_negatives": "none"}
 
 
 def ensure_world(data) -> None:
@@ -102,7 +103,8 @@ def load_examples(data) -> list[TrainExample]:
   cot_file = os.path.join(data.root, data.cot_file) if data.cot_file else None
   return load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
                     seed=data.seed, target=data.target, cand_target=data.cand_target,
-                    marker=marker(data), cot_missing=data.cot_missing)
+                    marker=marker(data), cot_missing=data.cot_missing,
+                    hard_negatives=data.hard_negatives)
 
 
 def check_shards_targets(data) -> None:

@@ -47,9 +47,9 @@ EXAMPLES_PER_SHARD = 1024  # Default shard size (not tuned: pick --num_shards fo
 # TrainExample fields that may be None: stored as "" with `has_<field>` False.
 OPTIONAL = ("query_image", "reasoning", "cand_text", "cand_image")
 TEXT = ("example_id", "qid", "query_text", "cand_id") + OPTIONAL
-# TrainExample fields the schema does not hold (candidate-side targets come from the M-BEIR files
-# only): an example that sets one is refused when written.
-NOT_STORED = ("cand_reasoning",)
+# TrainExample fields the schema does not hold (candidate-side targets and hard negatives come from
+# the M-BEIR files only): an example that sets one is refused when written.
+NOT_STORED = ("cand_reasoning", "neg_id", "neg_text", "neg_image")
 SIDES = ("query", "cand")
 _WRITER_OPTIONS = "group_size:1"  # One record per chunk: cheap random access (as TFDS writes).
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -106,7 +106,8 @@ def to_features(ex: TrainExample, root: str) -> dict[str, Any]:
   for k in NOT_STORED:
     if getattr(ex, k) is not None:
       raise ValueError(f"example {ex.example_id}: shards do not hold {k} (candidate-side "
-                       "reasoning, data.cand_target, trains from the M-BEIR files)")
+                       "reasoning, data.cand_target, and hard negatives, data.hard_negatives, "
+                       "train from the M-BEIR files)")
   d = ex.to_dict()
   out: dict[str, Any] = {k: d[k] if d[k] is not None else "" for k in TEXT}
   out.update({f"has_{k}": d[k] is not None for k in OPTIONAL})

@@ -24,6 +24,8 @@ split, train or test; `{k}` the task):
 
 Task 0/3 pools hold the positives plus as many random distractor scenes per query; the task-7 pool
 holds the targets and the source images (as distractors); the task-6 pool is every answer string.
+Each query's `neg_cand_list` names its pool's candidates that differ from the positive in one
+attribute (`data.hard_negatives="listed"` trains on them); evaluation ignores it, as M-BEIR's.
 The test split is drawn and numbered first, from its own random streams, so it does not depend on
 `n_train`. Every scene belongs to one split (a seeded draw per scene, `WorldSpec.
 test_scene_fraction`) and a query of any task, its teacher text and its pool's distractors use
@@ -282,11 +284,21 @@ def _candidate_row(item: rules.Scene | str, task: int, split: str, did: str) -> 
   return {"txt": text, "img_path": None, "modality": "text", "did": did, "src_content": None}
 
 
-def _query_row(q: _Query, split: str, qid: str, pos_did: str) -> dict[str, Any]:
+def _query_row(q: _Query, split: str, qid: str, dids: Mapping[rules.Scene | str, str]
+               ) -> dict[str, Any]:
   return {"qid": qid, "query_txt": q.text,
           "query_img_path": None if q.image is None else image_path(split, q.image),
           "query_modality": TASK_MODALITIES[q.task][0], "query_src_content": None,
-          "pos_cand_list": [pos_did], "neg_cand_list": [], "task_id": q.task}
+          "pos_cand_list": [dids[q.positive]], "neg_cand_list": _negatives(q.positive, dids),
+          "task_id": q.task}
+
+
+def _negatives(positive: rules.Scene | str, dids: Mapping[rules.Scene | str, str]) -> list[str]:
+  """The pool's candidates that differ from the positive in one attribute (its hard negatives,
+  listed as M-BEIR lists CIRR's): derived from the pool, so they draw no random numbers."""
+  near = (rules.one_change_answers(positive) if isinstance(positive, str)
+          else rules.one_change_scenes(positive))
+  return [dids[item] for item in near if item in dids]
 
 
 def _cot_row(q: _Query, qid: str) -> dict[str, Any]:
@@ -346,7 +358,7 @@ def _write_task(out_dir: str, split: str, task: int, queries: Sequence[_Query],
   rows, cot = [], []
   for q in queries:
     qid = ids("qid")
-    rows.append(_query_row(q, split, qid, dids[q.positive]))
+    rows.append(_query_row(q, split, qid, dids))
     cot.append(_cot_row(q, qid))
   _write_jsonl(os.path.join(out_dir, files["query"]), rows)
   _write_jsonl(os.path.join(out_dir, files["pool"]), cands)

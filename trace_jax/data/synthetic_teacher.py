@@ -107,6 +107,19 @@ def holds(relation: str, a: Obj, b: Obj) -> bool:
   return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
 
 
+def one_change_scenes(scene: Scene) -> list[Scene]:
+  """Every valid scene that differs from `scene` in one attribute of one object (its colour,
+  shape or cell): the demo world's hard negatives of an image or caption candidate."""
+  out = []
+  for o in scene.objects:
+    rest = [x for x in scene.objects if x != o]
+    changed = ([dataclasses.replace(o, colour=c) for c in COLOURS if c != o.colour] +
+               [dataclasses.replace(o, shape=s) for s in scene.free_shapes()] +
+               [dataclasses.replace(o, cell=c) for c in scene.free_cells()])
+    out += [make_scene(rest + [x]) for x in changed]
+  return sorted(out, key=scene_name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Task 7: edits.
 
@@ -295,6 +308,18 @@ def answer(q: Question) -> str:
   if q.kind == "rel_object":
     return f"{s.colour} {s.shape}"
   return YES if holds(q.relation, s, q.anchor) else NO
+
+
+def one_change_answers(text: str) -> list[str]:
+  """The answers of the same kind as `text` that differ from it in one attribute (another
+  colour, shape or position, the other of yes and no; a colour and shape with one of the two
+  changed): the demo world's hard negatives of a task-6 answer."""
+  for group in (COLOURS, SHAPES, POSITIONS, (YES, NO)):
+    if text in group:
+      return [a for a in group if a != text]
+  colour, shape = text.split()
+  return ([f"{c} {shape}" for c in COLOURS if c != colour] +
+          [f"{colour} {s}" for s in SHAPES if s != shape])
 
 
 def _locate(q: Question) -> str:

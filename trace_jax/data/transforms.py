@@ -4,7 +4,8 @@ Images are resized to the bucket's fixed patch grid (every image of a bucket sha
 batches have static shapes). Long texts are cut where tokens are made (`prompts.py`): the query
 text to `query_text_tokens` and the candidate text to `cand_text_tokens` (LamRA's 480 and 1024),
 and both further so that the sequence fits the longest bucket; the instruction, the image tokens,
-the rule and the target stay whole, and each cut is reported with the example's id. A bad example
+the rule and the target stay whole, and each cut is reported with the example's id. A hard negative
+(`negatives.py`) becomes a third side, `neg`, encoded as a candidate. A bad example
 (missing or unreadable image, a sequence too long even without its text, empty candidate) raises
 `BadExampleError` naming the example id, or with `on_bad_example="skip"` becomes a marker that
 the pipeline drops and counts. Padding and batching are in `pipeline.py`.
@@ -67,7 +68,7 @@ class ToArrays(grain.transforms.Map):
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
-    inline = {side: record.pop(f"{side}_image_bytes", None) for side in ("query", "cand")}
+    inline = {side: record.pop(f"{side}_image_bytes", None) for side in ("query", "cand", "neg")}
     ex = TrainExample.from_dict(record)
     try:
       return self._arrays(ex, inline)
@@ -100,8 +101,9 @@ class ToArrays(grain.transforms.Map):
 
   def _encode(self, ex: TrainExample, side: str, n_img: int) -> prompts.Encoded:
     """The side's token ids, its text cut to `data.{side}_text_tokens` and to the bucket."""
-    limits = dict(max_text_tokens=self.text_tokens[side],
-                  max_len=getattr(self.shapes, f"max_{side}_len"))
+    kind = "query" if side == "query" else "cand"  # Hard negatives are candidates.
+    limits = dict(max_text_tokens=self.text_tokens[kind],
+                  max_len=getattr(self.shapes, f"max_{kind}_len"))
     try:
       if self.lm_only:
         return prompts.encode_chat(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
@@ -109,29 +111,39 @@ class ToArrays(grain.transforms.Map):
       if side == "query":
         return prompts.encode_query(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
                                     **limits)
-      return prompts.encode_candidate(self.tok, ex.cand_text, n_img, self.compact,
-                                      may_reason=self.cand_may_reason,
-                                      reasoning=ex.cand_reasoning, **limits)
+      # A hard negative is encoded as a candidate that writes nothing before `<|emb|>`.
+      text, reasoning = ((ex.cand_text, ex.cand_reasoning) if side == "cand"
+                         else (ex.neg_text, None))
+      return prompts.encode_candidate(self.tok, text, n_img, self.compact,
+                                      may_reason=self.cand_may_reason, reasoning=reasoning,
+                                      **limits)
     except prompts.PromptTooLongError as e:
       field = "query_len" if side == "query" else "cand_len"
       raise ValueError(f"{side}: {e} (data.{field})") from None
 
   def _arrays(self, ex: TrainExample, inline: dict[str, bytes | None]) -> dict[str, Any]:
-    if not self.lm_only and not (ex.cand_text or "").strip() and ex.cand_image is None:
-      raise ValueError(f"candidate {ex.cand_id} has empty text and no image")
+    sides = [("query", ex.query_image)]
+    if not self.lm_only:
+      sides.append(("cand", ex.cand_image))
+      if ex.neg_id is not None:
+        sides.append(("neg", ex.neg_image))
+    for side, image in sides[1:]:
+      did = getattr(ex, f"{side}_id")
+      if not (getattr(ex, f"{side}_text") or "").strip() and image is None:
+        raise ValueError(f"{'hard negative' if side == 'neg' else 'candidate'} {did} has empty "
+                         "text and no image")
     out, cuts = {}, []
-    sides = (("query", ex.query_image),) + (() if self.lm_only else (("cand", ex.cand_image),))
     for side, image in sides:
       pixels, n_img = self._pixels(image, inline[side])
       enc = self._encode(ex, side, n_img)
       arrays = dict(self._side(enc, n_img), pixels=pixels)
-      if side == "cand" and not self.cand_may_reason:
+      if side == "neg" or (side == "cand" and not self.cand_may_reason):
         del arrays["target_mask"]
       out.update({f"{side}_{k}": v for k, v in arrays.items()})
       if enc.text_cut:
         cuts.append(f"{side} text cut by {enc.text_cut} tokens")
-    if not self.lm_only:
-      out["cand_key"] = np.int32(mbeir.did_key(ex.cand_id))
+      if side != "query":
+        out[f"{side}_key"] = np.int32(mbeir.did_key(getattr(ex, f"{side}_id")))
     out.update(query_is_reasoning=np.int32(ex.is_reasoning), task_id=np.int32(ex.task_id),
                **{TRUNCATED: f"{ex.example_id} (query {ex.qid}): {', '.join(cuts)}" if cuts
                   else ""})

@@ -71,9 +71,10 @@ def step_config(config, tok) -> step_lib.StepConfig:
     raise ValueError("loss.readout='end_of_reasoning' reads the end-of-reasoning marker: set "
                      "data.reasoning_marker=True so that the targets carry it")
   if config.data.target == LM_TARGET:  # A backbone's pretraining: no candidates, no <|emb|>.
-    if config.loss.lambda_ret or config.optim.micro_batches != 1:
+    if (config.loss.lambda_ret or config.optim.micro_batches != 1 or
+        config.data.hard_negatives != "none"):
       raise ValueError("data.target='lm' trains the language model alone: it needs "
-                       "loss.lambda_ret=0 and optim.micro_batches=1")
+                       "loss.lambda_ret=0, optim.micro_batches=1 and data.hard_negatives='none'")
     return dataclasses.replace(step_lib.StepConfig.from_config(config), emb_token_id=-1)
   return dataclasses.replace(step_lib.StepConfig.from_config(config), emb_token_id=tok.emb_id,
                              eor_token_id=eor)
