@@ -14,6 +14,7 @@ from configs import demo
 from trace_jax.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
 from trace_jax.model.hf_io import load_hf
 from trace_jax.train import backbone, loop
+from trace_jax.tools import demo_backbone
 from trace_jax.train.state import is_trainable
 
 
@@ -69,3 +70,14 @@ def test_fine_tuning_starts_from_the_backbone_like_a_released_checkpoint(config)
   assert not any(p.startswith("visual/blocks") for p in trainable)
   for name in ("q", "k", "v", "o", "gate", "up", "down"):
     assert any(f"/{name}/lora" in p for p in trainable), name
+
+
+def test_demo_backbone_tool_answers_every_hard_task(config):
+  """tools.demo_backbone on the built backbone: the test queries as pretraining's chat turns,
+  decoded greedily, one count per hard task."""
+  backbone.ensure(config.backbone, lambda _: None)
+  got = demo_backbone.answers(config.backbone.config, config.backbone.workdir, queries=4,
+                              max_new_tokens=8)
+  assert sorted(got) == [6, 7]
+  for counts in got.values():
+    assert counts["queries"] == 4 and 0 <= counts["texts_right"] <= counts["answers_right"] <= 4
