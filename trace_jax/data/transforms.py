@@ -100,8 +100,9 @@ class ToArrays(grain.transforms.Map):
             "positions": positions, "has_image": bool(n_img)}
 
   def _encode(self, ex: TrainExample, side: str, n_img: int) -> prompts.Encoded:
-    """The side's token ids, its text cut to `data.{side}_text_tokens` and to the bucket."""
-    kind = "query" if side == "query" else "cand"  # Hard negatives are candidates.
+    """The side's token ids, its text cut to `data.{side}_text_tokens` and to the bucket (a hard
+    negative's as a candidate's)."""
+    kind = "query" if side == "query" else "cand"
     limits = dict(max_text_tokens=self.text_tokens[kind],
                   max_len=getattr(self.shapes, f"max_{kind}_len"))
     try:
