@@ -8,9 +8,10 @@ positive, beside the batch's other candidates (the train step's `neg` side).
   query that lists none gets a random candidate of its pool instead, counted and logged per file.
 - "pool": a random candidate of the query's pool.
 
-A drawn candidate has the positive's modality and is never one of the query's positives. Draws
-are made once, when the examples are built, from a generator seeded by `data.seed` and the query
-file: the same every epoch, in every process, and after a resume.
+A candidate drawn from the pool has the positive's modality and is never one of the query's
+positives (a listed one is taken as listed). Draws are made once, when the examples are built,
+from a generator seeded by `data.seed` and the query file: the same every epoch, in every
+process, and after a resume.
 """
 
 from __future__ import annotations
