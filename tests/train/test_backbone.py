@@ -12,9 +12,9 @@ from flax import nnx
 
 from configs import demo
 from trace_jax.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
+from trace_jax.eval import backbone_answers
 from trace_jax.model.hf_io import load_hf
 from trace_jax.train import backbone, loop
-from trace_jax.tools import demo_backbone
 from trace_jax.train.state import is_trainable
 
 
@@ -72,11 +72,11 @@ def test_fine_tuning_starts_from_the_backbone_like_a_released_checkpoint(config)
     assert any(f"/{name}/lora" in p for p in trainable), name
 
 
-def test_demo_backbone_tool_answers_every_hard_task(config):
-  """tools.demo_backbone on the built backbone: the test queries as pretraining's chat turns,
-  decoded greedily, one count per hard task."""
+def test_backbone_answers_every_hard_task(config):
+  """eval.backbone_answers (tools.demo_backbone) on the built backbone: the test queries as
+  pretraining's chat turns, decoded greedily, one count per hard task."""
   backbone.ensure(config.backbone, lambda _: None)
-  got = demo_backbone.answers(config.backbone.config, config.backbone.workdir, queries=4,
+  got = backbone_answers.answers(config.backbone.config, config.backbone.workdir, queries=4,
                               max_new_tokens=8)
   assert sorted(got) == [6, 7]
   for counts in got.values():
