@@ -77,7 +77,7 @@ def test_backbone_answers_every_hard_task(config):
   pretraining's chat turns, decoded greedily, one count per hard task."""
   backbone.ensure(config.backbone, lambda _: None)
   got = backbone_answers.answers(config.backbone.config, config.backbone.workdir, queries=4,
-                              max_new_tokens=8)
+                                 max_new_tokens=8)
   assert sorted(got) == [6, 7]
   for counts in got.values():
     assert counts["queries"] == 4 and 0 <= counts["texts_right"] <= counts["answers_right"] <= 4
