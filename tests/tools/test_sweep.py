@@ -37,7 +37,8 @@ def write_sweep(path, variants):
 
 
 def test_paper_ablations_are_shipped():
-  assert {"lambda_gen", "lora", "readout", "training_data", "candidate_side"} <= set(SWEEP_NAMES)
+  assert {"lambda_gen", "lora", "readout", "training_data", "candidate_side",
+          "hard_negatives"} <= set(SWEEP_NAMES)
   by_name = {n: sweep.load_sweep(p) for n, p in zip(SWEEP_NAMES, SWEEP_FILES)}
   assert [v["loss.lambda_gen"] for v in by_name["lambda_gen"]] == [0.0, 0.5, 1.0, 2.0]
   assert [(v["lora.rank"], v["lora.alpha"]) for v in by_name["lora"]] == [
@@ -47,6 +48,8 @@ def test_paper_ablations_are_shipped():
   assert [v["data.reasoning_marker"] for v in by_name["readout"]] == [False, False, True]
   sides = [v["data.cand_target"] for v in by_name["candidate_side"]]
   assert sides == ["none", "answer", "full"]
+  modes = [v["data.hard_negatives"] for v in by_name["hard_negatives"]]
+  assert modes == ["none", "listed", "pool"]
   targets = [(v["data.target"], v["loss.lambda_gen"]) for v in by_name["training_data"]]
   assert targets == [("direct", 0.0), ("answer", 1.0), ("reasoning", 1.0), ("full", 1.0)]
 
