@@ -79,15 +79,23 @@ def test_candidate_targets_need_the_cot_file(data):
     data.cand_target, data.cot_file = "none", cot
 
 
-def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
-  data.cand_target = "answer"
+def examples_shards_refuse(data, field: str, value) -> list:
+  """The examples with `data.<field>=value`, after checking that a shards config refuses it
+  (`data` is left as it was)."""
+  default = data[field]
+  data[field] = value
   try:
     examples = data_setup.load_examples(data)
-    with pytest.raises(ValueError, match="fixed at conversion.*cand_target"):
+    with pytest.raises(ValueError, match=f"fixed at conversion.*{field}"):
       data.shards_dir = "some/shards"
       data_setup.check_shards_targets(data)
   finally:
-    data.cand_target, data.shards_dir = "none", ""
+    data[field], data.shards_dir = default, ""
+  return examples
+
+
+def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
+  examples = examples_shards_refuse(data, "cand_target", "answer")
   first = next(e for e in examples if e.cand_reasoning)
   out = str(tmp_path / "ds")
   with pytest.raises(ValueError, match=first.example_id):
@@ -98,14 +106,7 @@ def test_shards_refuse_what_they_cannot_hold(data, tmp_path):
 def test_hard_negatives_from_the_world_and_not_from_shards(data, tmp_path):
   """The world lists each query's one-attribute neighbours; `listed` trains on them (every
   task-6 answer has some, so no task-6 query draws from the pool); shards cannot hold them."""
-  data.hard_negatives = "listed"
-  try:
-    examples = data_setup.load_examples(data)
-    with pytest.raises(ValueError, match="fixed at conversion.*hard_negatives"):
-      data.shards_dir = "some/shards"
-      data_setup.check_shards_targets(data)
-  finally:
-    data.hard_negatives, data.shards_dir = "none", ""
+  examples = examples_shards_refuse(data, "hard_negatives", "listed")
   queries = {}
   for query_file, _ in data.train_files:
     queries.update({q.qid: q for q in mbeir.load_queries(os.path.join(data.root, query_file))})
