@@ -4,8 +4,11 @@ routed, the prompt templates a teacher and a verifier see, and how the teacher g
 Usage: --config=configs/teach.py[:world=demo,teacher=72b]. `world=demo` reads the demo world's
 training files and routes its tasks 6 and 7 to reasoning (a trace_jax demo run as teacher is
 prompted with its own query prompt); `teacher=72b` lays a 72B teacher out tensor-parallel over
-each host's devices. Templates are plain text a user edits here: `head` is shared by every query
-of the sub-task (prefilled once), `body` holds the query's fields ({instruction}, {query},
+each host's devices (one replica per host: a v5p or v6e host, never v5e, `docs/aot.md`);
+`teacher=7b` places a whole 7B on each device. Both load bfloat16 parameters (the default
+`param_dtype`); `param_dtype=float32` doubles the weights' memory for no gain in inference.
+Templates are plain text a user edits here: `head` is shared by every query of the sub-task
+(prefilled once), `body` holds the query's fields ({instruction}, {query},
 {target}: the positive's text, {answer}: the output being verified), and `image` says which image
 the prompt shows.
 """
@@ -64,7 +67,8 @@ ASSESS = dict(
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, {"world": "", "teacher": "", "dtype": "bfloat16"})
+  args = common.parse_arg(arg, {"world": "", "teacher": "", "dtype": "bfloat16",
+                                "param_dtype": "bfloat16"})
   c = ml_collections.ConfigDict()
   c.seed = 0
   # On a CPU-only host, split the CPU into this many fake devices (0 = JAX's default).
@@ -73,6 +77,10 @@ def get_config(arg: str = ""):
   c.files = tuple((f"query/train/mbeir_{d}_train.jsonl", UNION_TRAIN_POOL) for d in MBEIR_DATASETS)
   # The teacher's compute dtype (a Hugging Face teacher; a trace_jax run keeps its own).
   c.dtype = args["dtype"]
+  # The teacher's parameter dtype (a Hugging Face teacher): bfloat16, as Qwen2.5-VL checkpoints
+  # are stored and as inference needs (float32 would put a 72B at ~294 GB). `tools.aot_compile
+  # --generation` compiles with this and `dtype`, so its fits are of what this tool loads.
+  c.param_dtype = args["param_dtype"]
   # Each process places a whole teacher on its own devices: (data, fsdp, tensor), -1 fills.
   c.mesh = (-1, 1, 1)
   # Only the first this many queries of the selection (0: all): a sample to try templates on.
@@ -130,8 +138,10 @@ def get_config(arg: str = ""):
 
   if args["teacher"] == "72b":
     c.mesh = (1, 1, -1)  # 72B in bf16 (~146 GB): tensor-parallel over a host's chips.
+  elif args["teacher"] == "7b":
+    c.mesh = (-1, 1, 1)  # 7B in bf16 (~16 GB): a whole replica on each chip of the host.
   elif args["teacher"]:
-    raise ValueError(f"teacher={args['teacher']!r}; expected '' or '72b'")
+    raise ValueError(f"teacher={args['teacher']!r}; expected '', '7b' or '72b'")
   if args["world"] == "demo":
     from configs import demo  # noqa: PLC0415 (configs import configs, never trace_jax)
     c.files = demo.get_config().data.train_files

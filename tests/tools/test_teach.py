@@ -207,3 +207,31 @@ def test_record_comparison_fails_on_a_wrong_text_or_a_confidence_past_the_tolera
       assert_same_records([bad], want)
   with pytest.raises(AssertionError):
     assert_same_records([{k: v for k, v in want[0].items() if k != "confidence"}], want)
+
+
+class _Loaded(Exception):
+  """Raised by the fake `load_hf`: what the teacher was loaded with is all this test needs."""
+
+
+def test_hf_teacher_and_its_aot_compile_use_the_configured_dtypes(tmp_path, monkeypatch):
+  from configs import qwen2_5_vl_72b
+  from trace_jax.teach import loading
+  from trace_jax.tools import aot_compile
+  (tmp_path / "config.json").write_text("{}")
+  seen = {}
+
+  def fake_load_hf(path, **kw):
+    seen.update(kw)
+    raise _Loaded()
+
+  monkeypatch.setattr(loading, "load_hf", fake_load_hf)
+  for arg in ("teacher=72b", "teacher=7b"):
+    config = teach_config.get_config(arg)
+    assert (config.dtype, config.param_dtype) == ("bfloat16", "bfloat16")
+    with pytest.raises(_Loaded):
+      load_teacher(str(tmp_path), config, str(tmp_path))
+    assert (seen["dtype"], seen["param_dtype"]) == ("bfloat16", "bfloat16")
+  model = qwen2_5_vl_72b.get_config("param_dtype=float32")
+  aot = aot_compile.with_teacher_dtypes(model, teach_config.get_config("teacher=72b"))
+  assert (aot.model.dtype, aot.model.param_dtype) == ("bfloat16", "bfloat16")
+  assert model.model.param_dtype == "float32"  # The model config itself is left alone.

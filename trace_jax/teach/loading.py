@@ -1,6 +1,7 @@
 """Loading a teacher (or verifier): a Hugging Face Qwen2-VL / Qwen2.5-VL directory, or a
 trace_jax run directory (its saved config, newest checkpoint and tokenizer), placed on this
-process's devices (`config.mesh`)."""
+process's devices (`config.mesh`; a Hugging Face teacher in `config.dtype` and
+`config.param_dtype`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,6 @@ def load_teacher(path: str, config, root: str) -> Teacher:
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"--teacher={path}: neither a Hugging Face directory (config.json) "
                             "nor a trace_jax run (checkpoints/)")
-  model, _ = load_hf(path, dtype=config.dtype, mesh=mesh)
+  model, _ = load_hf(path, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh)
   return Teacher(model, HFTokenizer.from_dir(path), mesh, grid or DEFAULT_GRID, root,
                  output_format or "tagged")

@@ -9,7 +9,9 @@ With `--generation` it compiles the generation engine instead (a teacher's progr
 prefill of `--prefill_batch` prompts of `--prompt_len` tokens with one image of the config's
 `data.image_grid`, and a decode chunk of `--slots` rows with caches of `--prompt_len` +
 `--new_tokens` slots; it reports each program's bytes, the decode buffer's, and whether the
-buffer plus the larger program fit (`fits`).
+buffer plus the larger program fit (`fits`). The model's compute and parameter dtypes are the
+teacher tool's (`--teach_config`, default `configs/teach.py`: `dtype`, `param_dtype`), so the
+fit is of the program `tools.teach` runs; the model config gives only the architecture.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Slice name, e.g. v5e-256, v5p-128, v4-64.")
 _GENERATION = flags.DEFINE_bool("generation", False, "Compile the generation engine's programs.")
+_TEACH_CONFIG = config_flags.DEFINE_config_file(
+  "teach_config", "configs/teach.py", "Generation: the teacher config whose dtypes to compile.")
 _SLOTS = flags.DEFINE_integer("slots", 16, "Generation: rows decoding at once.")
 _PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 8, "Generation: prompts per prefill.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Generation: prompt tokens.")
@@ -116,6 +120,14 @@ def compile_step(config, topology: str):
   return compiled, mesh, chip, factory.model_config(config)
 
 
+def with_teacher_dtypes(config, teach):
+  """The model config with the teacher tool's compute and parameter dtypes (what
+  `teach.loading.load_teacher` loads a Hugging Face teacher in)."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype, config.model.param_dtype = teach.dtype, teach.param_dtype
+  return config
+
+
 def compile_generation(config, topology: str, slots: int, prefill_batch: int, prompt_len: int,
                        new_tokens: int) -> dict:
   """Bytes per device of the engine's prefill and decode programs for a TPU slice."""
@@ -175,13 +187,15 @@ def compile_generation(config, topology: str, slots: int, prefill_batch: int, pr
           "decode_buffer_bytes": buffer, "prefill_bytes": int(prefill_bytes),
           "decode_bytes": int(decode_bytes), "per_device_bytes": int(need),
           "hbm_bytes": chip["hbm"], "fits": bool(need <= chip["hbm"]),
-          "slots": slots, "prefill_batch": b, "prompt_len": t, "new_tokens": new_tokens}
+          "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "slots": slots,
+          "prefill_batch": b, "prompt_len": t, "new_tokens": new_tokens}
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   if _GENERATION.value:
+    config = with_teacher_dtypes(config, _TEACH_CONFIG.value)
     print(json.dumps(compile_generation(config, _TOPOLOGY.value, _SLOTS.value,
                                         _PREFILL_BATCH.value, _PROMPT_LEN.value,
                                         _NEW_TOKENS.value)))
