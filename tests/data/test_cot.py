@@ -73,7 +73,9 @@ def _wrap(reasoning: str, answer: str) -> str:
 
 
 def _reason(qid: str, output: str, task_id: int = 6) -> cot.CoTRecord:
-  return cot.CoTRecord(qid=qid, task_id=task_id, route="reason", teacher_output=output)
+  """A reason record the verifier believed (the content rules are what these tests probe)."""
+  return cot.CoTRecord(qid=qid, task_id=task_id, route="reason", teacher_output=output,
+                       confidence=0.9)
 
 
 def _sample(reasoning: str, answer: str) -> cot.Sample:
@@ -204,16 +206,18 @@ def test_rules_apply_in_order():
   record = _reason("5:1", _wrap("it is a scarf.", "a woollen scarf"))
   assert cot.filter_record(record, QUERY_TEXT, TARGET_TEXT, WordTokenizer()) == cot.LENGTH
   assert cot.RULES == ("structure", "length", "repetition", "refusal", "non_english", "keyword",
-                       "confidence")
+                       "confidence", "unverified")
 
 
-@pytest.mark.parametrize("confidence,kept", [(None, True), (0.95, True), (0.71, True),
-                                             (0.7, False), (0.2, False)])
-def test_confidence_rule_keeps_what_the_verifier_believes(confidence, kept):
-  """The paper keeps samples whose verifier confidence is above 0.7; unverified ones pass."""
+@pytest.mark.parametrize("confidence,required,reason", [
+    (None, True, cot.UNVERIFIED), (None, False, None), (0.95, True, None), (0.71, True, None),
+    (0.7, True, cot.CONFIDENCE), (0.2, True, cot.CONFIDENCE), (0.2, False, cot.CONFIDENCE)])
+def test_confidence_rule_keeps_what_the_verifier_believes(confidence, required, reason):
+  """The paper keeps samples whose verifier confidence is above 0.7; one with no confidence (its
+  verification skipped or never run) fails as `unverified` while the rule is on."""
   record = cot.CoTRecord("5:1", 6, "reason", _wrap(GOOD_REASONING, GOOD_ANSWER), confidence)
-  reason = cot.filter_record(record, QUERY_TEXT, TARGET_TEXT, WordTokenizer())
-  assert reason == (None if kept else cot.CONFIDENCE)
+  cfg = cot.FilterConfig(require_confidence=required)
+  assert cot.filter_record(record, QUERY_TEXT, TARGET_TEXT, WordTokenizer(), cfg) == reason
   line = record.to_json()
   assert ("confidence" in line) == (confidence is not None)
 
@@ -280,19 +284,22 @@ def _candidate(did: str, text: str | None) -> dict:
 def _world(tmp_path) -> dict[str, str]:
   """Raw CoT, queries and pool: two good reason records, one per rule, two direct records."""
   raw = [("5:1", GOOD_REASONING, GOOD_ANSWER), ("5:2", None, None)]
-  trips = dict(TRIPS, **{cot.CONFIDENCE: (GOOD_REASONING, GOOD_ANSWER)})
-  raw += [(f"5:{i}", *trips[rule]) for i, rule in enumerate(cot.RULES[1:], start=3)]
+  trips = dict(TRIPS, **{cot.CONFIDENCE: (GOOD_REASONING, GOOD_ANSWER),
+                         cot.UNVERIFIED: (GOOD_REASONING, GOOD_ANSWER)})
+  qid_of = {rule: f"5:{i}" for i, rule in enumerate(cot.RULES, start=2)}
+  raw += [(qid_of[rule], *trips[rule]) for rule in cot.RULES[1:]]
   lines, queries, pool = [], [], []
   for qid, reasoning, answer in raw:
     output = _wrap(reasoning, answer) if reasoning else _wrap("r", "a") + "<answer>b</answer>"
     lines.append({"qid": qid, "task_id": 6, "route": "reason", "teacher_output": output})
-    if qid in ("5:1", f"5:{len(cot.RULES) + 1}"):  # Verified: believed, and the last not.
-      lines[-1]["confidence"] = 0.9 if qid == "5:1" else 0.3
+    if qid != qid_of[cot.UNVERIFIED]:  # Believed, but the confidence rule's record is not.
+      lines[-1]["confidence"] = 0.3 if qid == qid_of[cot.CONFIDENCE] else 0.9
     queries.append(_query(qid, 6, QUERY_TEXT, f"5:{100 + len(pool)}"))
     pool.append(_candidate(f"5:{100 + len(pool)}", TARGET_TEXT))
   # Image target: the keyword must come from the query text.
   lines.append({"qid": "8:1", "task_id": 7, "route": "reason",
-                "teacher_output": _wrap(GOOD_REASONING, "a navy dress with long sleeves")})
+                "teacher_output": _wrap(GOOD_REASONING, "a navy dress with long sleeves"),
+                "confidence": 0.8})
   queries.append(_query("8:1", 7, QUERY_TEXT, "8:100"))
   pool.append(_candidate("8:100", None))
   for n in (1, 2):
@@ -320,8 +327,8 @@ def _check_outputs(paths: dict[str, str]) -> None:
 
 def _expected_table(out: str) -> str:
   rows = [f"{rule:<14}{1:>8}" for rule in cot.RULES]
-  return "\n".join(["read 11 records", f"{'rule':<14}{'dropped':>8}", *rows,
-                    f"{'total':<14}{7:>8}", f"{'route':<14}{'kept':>8}", f"{'reason':<14}{2:>8}",
+  return "\n".join(["read 12 records", f"{'rule':<14}{'dropped':>8}", *rows,
+                    f"{'total':<14}{8:>8}", f"{'route':<14}{'kept':>8}", f"{'reason':<14}{2:>8}",
                     f"{'direct':<14}{2:>8}", f"{'total':<14}{4:>8}",
                     f"wrote {out} and {out.replace('.jsonl', '.dropped.jsonl')}"])
 
@@ -335,6 +342,10 @@ def test_build_end_to_end(tmp_path):
   assert report.kept == {"reason": 2, "direct": 2}
   assert build_cot.format_report(report) == _expected_table(paths["out"])
   _check_outputs(paths)
+  lenient = build_cot.build(paths["raw"], paths["queries"], paths["pool"],
+                            str(tmp_path / "lenient.jsonl"), tokenizer=WordTokenizer(),
+                            cfg=cot.FilterConfig(require_confidence=False))
+  assert lenient.dropped[cot.UNVERIFIED] == 0 and lenient.kept["reason"] == 3
 
 
 def test_build_cot_command_line(tmp_path):
@@ -357,7 +368,7 @@ def test_build_rejects_a_qid_missing_from_the_queries(tmp_path):
   with open(paths["raw"], "a", encoding="utf-8") as f:
     f.write(json.dumps({"qid": "5:99", "task_id": 6, "route": "direct",
                         "teacher_output": None}) + "\n")
-  message = f"{paths['raw']}:12: qid 5:99 is not in {paths['queries']}"
+  message = f"{paths['raw']}:13: qid 5:99 is not in {paths['queries']}"
   with pytest.raises(MBEIRFormatError, match=re.escape(message)):
     build_cot.build(paths["raw"], paths["queries"], paths["pool"], paths["out"])
   assert not os.path.exists(paths["out"])
@@ -384,7 +395,7 @@ def test_dropped_path_and_tokenizer_loading(tmp_path):
 def test_build_instructions_count_as_query_text(tmp_path):
   raw = _write_lines(tmp_path / "raw.jsonl", [
       {"qid": "5:1", "task_id": 6, "route": "reason",
-       "teacher_output": _wrap(GOOD_REASONING, "a famous landmark")}])
+       "teacher_output": _wrap(GOOD_REASONING, "a famous landmark"), "confidence": 0.9}])
   queries = _write_lines(tmp_path / "q.jsonl", [_query("5:1", 6, "What is this?", "5:100")])
   pool = _write_lines(tmp_path / "pool.jsonl", [_candidate("5:100", "Eiffel Tower.")])
   tsv = tmp_path / "query_instructions.tsv"

@@ -5,8 +5,9 @@ What this is: a strict reader for M-BEIR-CoT JSON lines (one line per query id: 
 teacher output `<reasoning>...</reasoning><answer>...</answer>` into its two blocks, the
 training target with the
 tags stripped, and the filters of TRACE §M-BEIR-CoT (structure, length, repetition, refusal,
-non-English, keyword overlap, and the verifier's confidence above 0.7), each a small function
-returning a reason code or None. The format and every threshold are documented in `docs/data.md`.
+non-English, keyword overlap, the verifier's confidence above 0.7, and a verifier confidence
+present at all), each a small function returning a reason code or None. The format and every
+threshold are documented in `docs/data.md`.
 
 What this is not: no teacher model and no verifier model (`trace_jax/teach/` runs them and writes
 `confidence`), no prompt building (`prompts.py`) and no file joining or writing
@@ -26,12 +27,14 @@ ROUTES = ("reason", "direct")
 Route = Literal["reason", "direct"]
 
 # Reason codes, in the order `filter_record` applies the rules.
-STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE = (
-    "structure", "length", "repetition", "refusal", "non_english", "keyword", "confidence")
-RULES = (STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE)
+STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE, UNVERIFIED = (
+    "structure", "length", "repetition", "refusal", "non_english", "keyword", "confidence",
+    "unverified")
+RULES = (STRUCTURE, LENGTH, REPETITION, REFUSAL, NON_ENGLISH, KEYWORD, CONFIDENCE, UNVERIFIED)
 
 # Verifier rule (TRACE §M-BEIR-CoT): keep a sample whose verifier confidence (probability of
-# "yes") is above this. A record without a confidence (no verifier ran) is not judged by it.
+# "yes") is above this. A record without a confidence (its verification was skipped or never
+# ran) fails as `unverified` while the rule is on (`FilterConfig.require_confidence`).
 MIN_CONFIDENCE = 0.7
 
 # Length rule (TRACE §M-BEIR-CoT), inclusive bounds in tokens of the given tokenizer.
@@ -122,6 +125,9 @@ class FilterConfig:
   min_repeat_sentence_words: int = MIN_REPEAT_SENTENCE_WORDS
   min_ascii_letter_fraction: float = MIN_ASCII_LETTER_FRACTION
   min_confidence: float = MIN_CONFIDENCE
+  # The verifier rule is on: a reason record without a confidence fails (`unverified`). Off only
+  # for a raw file no verifier judged at all (`build_cot --norequire_confidence`).
+  require_confidence: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,8 +392,8 @@ def filter_record(record: CoTRecord, query_text: str | None, target_text: str | 
 
 
 def check_confidence(record: CoTRecord, cfg: FilterConfig = FilterConfig()) -> str | None:
-  """Rule 7: the verifier's confidence must be above `min_confidence` (a record no verifier
-  judged passes)."""
-  if record.confidence is None or record.confidence > cfg.min_confidence:
-    return None
-  return CONFIDENCE
+  """Rule 7: the verifier's confidence must be above `min_confidence`; a record no verifier
+  judged fails as `unverified` (rule 8) unless `require_confidence` is off."""
+  if record.confidence is None:
+    return UNVERIFIED if cfg.require_confidence else None
+  return None if record.confidence > cfg.min_confidence else CONFIDENCE

@@ -2,11 +2,13 @@
 
     python -m trace_jax.tools.build_cot --in=RAW.jsonl --queries=QUERY.jsonl[,...]
         --pool=POOL.jsonl[,...] --out=OUT.jsonl [--tokenizer=tokenizer.json|sp.model]
-        [--instructions=TSV] [--min_confidence=0.7]
+        [--instructions=TSV] [--min_confidence=0.7] [--norequire_confidence]
 
 Reads RAW (M-BEIR-CoT lines), joins each record by qid with its query and the text of its positive
 candidates, runs `trace_jax.data.cot.filter_record` on reason records (direct records pass
-through; the verifier's `confidence`, when a record has one, must be above --min_confidence),
+through; the verifier's `confidence` must be above --min_confidence, and a reason record with
+none, its verification skipped or never run, is dropped as `unverified` unless
+--norequire_confidence),
 writes the kept records to OUT and every dropped one (qid, task_id, route, reason) to
 `OUT.dropped.jsonl` (a trailing `.jsonl` of OUT is replaced), and prints how many each rule dropped
 and how many were kept per route. It does not run a teacher or a verifier model
@@ -42,6 +44,9 @@ _MAX_ANSWER = flags.DEFINE_integer("max_answer_tokens", cot.MAX_ANSWER_TOKENS,
                                    "Most answer tokens kept.")
 _MIN_CONFIDENCE = flags.DEFINE_float("min_confidence", cot.MIN_CONFIDENCE,
                                      "Keep records whose verifier confidence is above this.")
+_REQUIRE_CONFIDENCE = flags.DEFINE_bool(
+    "require_confidence", True, "Drop reason records with no verifier confidence (`unverified`); "
+    "--norequire_confidence only for a raw file no verifier judged.")
 
 
 def main(argv):
@@ -50,7 +55,8 @@ def main(argv):
   cfg = cot.FilterConfig(min_reasoning_tokens=_MIN_REASONING.value,
                          max_reasoning_tokens=_MAX_REASONING.value,
                          min_answer_tokens=_MIN_ANSWER.value, max_answer_tokens=_MAX_ANSWER.value,
-                         min_confidence=_MIN_CONFIDENCE.value)
+                         min_confidence=_MIN_CONFIDENCE.value,
+                         require_confidence=_REQUIRE_CONFIDENCE.value)
   report = build(_IN.value, _QUERIES.value, _POOL.value, _OUT.value, tokenizer=tokenizer,
                  instructions_path=_INSTRUCTIONS.value, cfg=cfg)
   print(format_report(report))
