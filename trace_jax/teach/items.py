@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from typing import Sequence
 
 from trace_jax.data import instructions as instruction_lib
@@ -92,3 +93,15 @@ def _item(q: mbeir.Query, where: str, pool: dict[str, mbeir.Candidate],
                                                 table, mode="first")
   return TeachItem(q.qid, q.task_id, DATASET_NAMES[q.dataset_id], where, instruction,
                    q.text or "", q.image_path, pos.text or "", pos.image_path)
+
+
+def sample_items(items: Sequence[TeachItem], n: int, seed: int) -> list[TeachItem]:
+  """`n` items drawn without replacement by `seed` across every dataset (the same draw in every
+  process), kept in file order; all of them when `n` is 0 or not smaller than their count.
+
+  The first `n` in file order would be one dataset's (VisualNews leads M-BEIR's list), so a
+  small sample of a reasoning run would hold no reasoning query."""
+  if not n or n >= len(items):
+    return list(items)
+  chosen = sorted(random.Random(seed).sample(range(len(items)), n))
+  return [items[i] for i in chosen]
