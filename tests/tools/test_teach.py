@@ -17,8 +17,8 @@ import pytest
 from configs import demo
 from configs import teach as teach_config
 from trace_jax.data import cot
-from trace_jax.teach import phases, shards
-from trace_jax.teach.items import load_items
+from trace_jax.teach import phases, runner, shards
+from trace_jax.teach.items import TeachItem, load_items, sample_items
 from trace_jax.teach.loading import load_teacher
 from trace_jax.train import loop
 
@@ -99,6 +99,13 @@ def test_all_phases_then_build_cot_then_training_reads_it(run, tmp_path):
       assert r["teacher_output"] is None and "confidence" not in r
   assert report["verified"] == len(hard)
   cot.read_cot(os.path.join(out, phases.RAW_FILE))  # build_cot's reader takes it as it is.
+  # --phase=merge alone, with no teacher to load, writes the same file and report.
+  merged = raw_records(out)
+  os.remove(os.path.join(out, phases.RAW_FILE))
+  assert runner.run(teach_cfg(), "merge", None, None, root, out) == report
+  assert raw_records(out) == merged
+  with pytest.raises(ValueError, match="--phase=generate needs --teacher"):
+    runner.run(teach_cfg(), "generate", None, None, root, out)
 
   built = str(tmp_path / "cot.jsonl")
   files = [os.path.join(root, q) for q, _ in config.data.train_files]
@@ -235,3 +242,16 @@ def test_hf_teacher_and_its_aot_compile_use_the_configured_dtypes(tmp_path, monk
   aot = aot_compile.with_teacher_dtypes(model, teach_config.get_config("teacher=72b"))
   assert (aot.model.dtype, aot.model.param_dtype) == ("bfloat16", "bfloat16")
   assert model.model.param_dtype == "float32"  # The model config itself is left alone.
+
+
+def test_max_queries_is_a_seeded_sample_across_datasets_in_file_order():
+  items = [TeachItem(f"{d}:{i}", 0, name, f"q.jsonl:{n}", "", "", None, "", None)
+           for n, (d, name, i) in enumerate(
+             [(9, "VisualNews", i) for i in range(60)] + [(8, "CIRR", i) for i in range(40)])]
+  sample = sample_items(items, 20, seed=0)
+  assert len(sample) == 20 and len({it.qid for it in sample}) == 20
+  assert {it.dataset for it in sample} == {"VisualNews", "CIRR"}  # Not the first 20.
+  assert sample == sorted(sample, key=items.index)  # File order.
+  assert sample_items(items, 20, seed=0) == sample  # The same draw in every process.
+  assert sample_items(items, 20, seed=1) != sample
+  assert sample_items(items, 0, seed=0) == items == sample_items(items, 500, seed=0)
