@@ -2,6 +2,11 @@
 (Think-Then-Embed's reasoner-teacher), also trainable as a retriever backbone.
 
 Usage: --config=configs/qwen2_5_vl_72b.py[:dtype=bfloat16,param_dtype=float32,remat=full]
+
+As the teacher, `tools/teach` loads the checkpoint in `configs/teach.py`'s `dtype` and
+`param_dtype` (bfloat16, ~146 GB: one replica per v5p or v6e host), not this file's; `tools/
+aot_compile --generation --config=configs/qwen2_5_vl_72b.py
+--teach_config=configs/teach.py:teacher=72b` compiles that program (`docs/aot.md`).
 """
 
 from configs import common

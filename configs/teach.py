@@ -83,10 +83,18 @@ def get_config(arg: str = ""):
   c.param_dtype = args["param_dtype"]
   # Each process places a whole teacher on its own devices: (data, fsdp, tensor), -1 fills.
   c.mesh = (-1, 1, 1)
-  # Only the first this many queries of the selection (0: all): a sample to try templates on.
+  # A sample of this many queries of the selection (0: all), drawn by `seed` across datasets and
+  # kept in file order: a sample to try templates on.
   c.max_queries = 0
   # Seconds between progress lines.
   c.progress_seconds = 30.0
+  # The verifier's threshold, the one `build_cot --min_confidence` applies (0.7): an output at
+  # or below it (or failing build_cot's structure rule) is rejected and, with sampling, retried.
+  c.min_confidence = 0.7
+  # Attempts per reason query: a rejected output is generated again with a fresh seed (attempt k
+  # samples with seed_of(qid, seed + k)) up to this many times. Needs generate.temperature > 0:
+  # greedy decoding would repeat itself, so it makes one attempt (and says so).
+  c.max_attempts = 3
 
   c.data = ml_collections.ConfigDict()
   # A query whose image is missing or whose prompt does not fit: "error" stops naming it;

@@ -166,10 +166,19 @@ def _free_port() -> int:
 
 
 def test_two_processes_give_one_processs_records(run, tmp_path):
+  """With sampling and every output rejected (min_confidence=1), each reason query is retried
+  once; two processes write one process's attempts and records."""
   config, workdir = run
   root = config.data.root
   one = str(tmp_path / "one")
-  all_phases(teach_cfg(), workdir, root, one)
+  retry = {"generate.temperature": 0.7, "min_confidence": 1.0, "max_attempts": 2}
+  cfg = teach_cfg()
+  for key, value in retry.items():
+    section, _, field = key.rpartition(".")
+    setattr(cfg[section] if section else cfg, field, value)
+  report = runner.run(cfg, "all", workdir, None, root, one)
+  assert report["retried"] == report["reason"] > 0 and report["attempts"] == {
+    "2": report["reason"]}
   out = str(tmp_path / "two")
   port = _free_port()
   env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
@@ -177,15 +186,19 @@ def test_two_processes_give_one_processs_records(run, tmp_path):
   procs = [subprocess.Popen(
     [sys.executable, "-m", "trace_jax.tools.teach", "--config=configs/teach.py:world=demo",
      f"--teacher={workdir}", f"--mbeir_root={root}", f"--out={out}",
-     "--config.generate.max_new_tokens=10", f"--coordinator_address=127.0.0.1:{port}",
-     "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE, text=True) for i in range(2)]
+     "--config.generate.max_new_tokens=10", *[f"--config.{k}={v}" for k, v in retry.items()],
+     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(2)]
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert sorted(os.path.basename(p) for p in shards.shard_paths(out, "generated")) == [
     "generated.p0of2.jsonl", "generated.p1of2.jsonl"]
   assert_same_records(raw_records(out), raw_records(one))
+  texts = lambda d: sorted((r["qid"], r["attempt"], r["teacher_output"])  # noqa: E731
+                           for r in shards.read(d, "generated"))
+  assert texts(out) == texts(one)  # Every attempt, not only the kept one.
 
 
 def test_bad_queries_stop_or_are_counted(run, tmp_path):
@@ -255,3 +268,76 @@ def test_max_queries_is_a_seeded_sample_across_datasets_in_file_order():
   assert sample_items(items, 20, seed=0) == sample  # The same draw in every process.
   assert sample_items(items, 20, seed=1) != sample
   assert sample_items(items, 0, seed=0) == items == sample_items(items, 500, seed=0)
+
+
+def _item(qid, dataset="CIRR", target="", query=""):
+  return TeachItem(qid, 7, dataset, f"q.jsonl:{qid}", "Find it.", query, None, target, None)
+
+
+def _write_shard(out, phase, records):
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{phase}.p0of1.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+GOOD = "<reasoning>a red dress made navy</reasoning><answer>a navy dress</answer>"
+
+
+def test_retries_merge_the_accepted_attempt_and_count_attempts_and_cuts(tmp_path):
+  """Hand-written shards: q1 rejected then accepted; q2 malformed, then twice below the
+  threshold (all attempts used: the last is kept); q3 accepted at once, its prompt cut; q4 not
+  verified yet; q5 rejected once with attempts left."""
+  from trace_jax.teach import attempts
+  out = str(tmp_path)
+  items = [_item(f"8:{i}") for i in range(1, 6)]
+  _write_shard(out, "routes", [{"qid": it.qid, "task_id": 7, "route": "reason"} for it in items])
+  gen = [("8:1", 0, GOOD), ("8:1", 1, GOOD.replace("navy", "blue")), ("8:2", 0, "no tags"),
+         ("8:2", 1, GOOD), ("8:2", 2, GOOD.replace("navy", "teal")), ("8:3", 0, GOOD),
+         ("8:4", 0, GOOD), ("8:5", 0, GOOD)]
+  _write_shard(out, "generated", [dict({"qid": q, "task_id": 7, "route": "reason", "attempt": a,
+                                        "teacher_output": t}, **({"cut": {"target": 40}}
+                                                                 if q == "8:3" else {}))
+                                  for q, a, t in gen])
+  conf = [("8:1", 0, 0.3), ("8:1", 1, 0.9), ("8:2", 0, 0.95), ("8:2", 1, 0.2), ("8:2", 2, 0.5),
+          ("8:3", 0, 0.8), ("8:5", 0, 0.7)]
+  _write_shard(out, "verified", [{"qid": q, "attempt": a, "confidence": c} for q, a, c in conf])
+  config = teach_cfg(temperature=0.7)
+  assert (config.max_attempts, config.min_confidence) == (3, 0.7)
+  assert attempts.next_attempts(config, out, items) == {"8:4": 0, "8:5": 1}
+  config.generate.temperature = 0.0  # Greedy: one attempt, nothing retried.
+  assert attempts.next_attempts(config, out, items) == {"8:4": 0}
+  report = phases.merge(items, out, min_confidence=0.7)
+  raw = {r["qid"]: r for r in raw_records(out)}
+  assert raw["8:1"]["teacher_output"] == gen[1][2] and raw["8:1"]["confidence"] == 0.9
+  assert raw["8:2"]["teacher_output"] == gen[4][2] and raw["8:2"]["confidence"] == 0.5
+  assert "confidence" not in raw["8:4"] and raw["8:5"]["confidence"] == 0.7
+  assert report["retried"] == 2 and report["attempts"] == {"1": 3, "2": 1, "3": 1}
+  assert report["accepted"] == 2 and report["verified"] == 4
+  assert report["prompt_cuts"]["generate"] == {"queries": 1, "tokens": {"target": 40},
+                                               "qids": ["8:3"]}
+  assert report["prompt_cuts"]["verify"]["queries"] == 0
+
+
+def test_prompt_budget_cuts_the_target_then_the_query(run, tmp_path):
+  """A knowledge verifier prompt with a positive text far past the bucket: its {target} is cut
+  to fit (head, image, instruction, answer and fixed text whole) and the cut recorded; a bucket
+  too small even for empty fields stays a bad example."""
+  import dataclasses
+  from trace_jax.teach.prompting import Template, chat_ids
+  config, workdir = run
+  teacher = dataclasses.replace(load_teacher(workdir, teach_cfg(), config.data.root),
+                                output_format="tagged")
+  template = Template(**teach_config.VERIFY_KNOWLEDGE)
+  long = _item("5:1", target="the red dress on the grass " * 200, query="what is it")
+  cuts = {}
+  ids, _, _ = phases._prompt(teacher, template, long, (256,), "a red dress", prefixed=False,
+                             cuts=cuts)
+  assert len(ids) <= 256 and 0 < cuts["5:1"]["target"] and "query" not in cuts["5:1"]
+  head, _ = chat_ids(teacher.tok, template.head, 0, "")
+  assert ids[:len(head) - 5] == head[:len(head) - 5]  # The system turn and head are whole.
+  text = teacher.tok.decode(ids)
+  assert "a red dress" in text and "Is the proposed answer correct?" in text
+  assert text.count("dress") < 200  # The target was cut.
+  with pytest.raises(phases.BadItem, match="longer than the largest bucket 40 even with its "
+                                           "target and query text cut to nothing"):
+    phases._prompt(teacher, template, long, (40,), "a red dress", prefixed=False, cuts={})

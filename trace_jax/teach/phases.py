@@ -9,13 +9,29 @@ M-BEIR-CoT").
 - `verify`: the verifier (the same engine's prefill; the teacher itself unless another model is
   given) reads each output with its sub-task's verifier template and the positive (its image or
   text) and writes its probability of "yes" as `confidence`.
-- `merge`: every query with its route, teacher output and confidence, in query-file order: the
-  raw file `tools/build_cot` filters.
+- retries (`attempts.py`): an output the verifier rejects (confidence <= `min_confidence`, the
+  threshold build_cot applies) or that fails build_cot's structure rule is generated again, with
+  a fresh seed (attempt k: `seed_of(qid, seed + k)`), up to `max_attempts`; `--phase=all` runs
+  generate-then-verify once per attempt, and a single `--phase=generate` makes the attempts the
+  verified records call for. Each attempt is its own record (`attempt`) in the shards. Greedy
+  decoding makes one attempt.
+- `merge`: every query with its route, teacher output and confidence, in query-file order (a
+  retried query: its first accepted attempt, else its last): the raw file `tools/build_cot`
+  filters; the report counts the retries (`retried`, an `attempts` histogram) and the prompt
+  budget's cuts per phase.
+
+The prompt budget: a teacher or verifier prompt longer than the largest bucket has its {target}
+text (the positive's: a knowledge entity's whole Wikipedia text), then its {query} text, cut to
+fit (`_fit_ids`, `prompting.fit_fields`); head, image tokens, instruction, the answer being
+verified and the template's fixed text stay whole. Each cut is logged with its qid and recorded
+(`cut`) in the phase's record. A prompt that does not fit even with those fields empty is a bad
+example.
 
 Each process takes a strided share of the queries and writes its own shards (`shards.py`), so a
 killed run resumes where it stopped and several processes split the work without talking; a
-missing image or a prompt too long for the buckets stops the run naming the query, or under
-`data.on_bad_example=skip` is written to the `skipped` shards with its reason and counted.
+missing image or a prompt too long for the buckets even when cut stops the run naming the query,
+or under `data.on_bad_example=skip` is written to the `skipped` shards with its reason and
+counted.
 """
 
 from __future__ import annotations
@@ -35,14 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trace_jax.data import cot
 from trace_jax.data import image as image_lib
 from trace_jax.data.prompts import PromptTooLongError
 from trace_jax.generate import Engine, Request, Sampling, batching
 from trace_jax.generate.programs import prefill
-from trace_jax.teach import shards
+from trace_jax.teach import attempts, shards
 from trace_jax.teach.items import TeachItem
-from trace_jax.teach.prompting import (Template, chat_ids, first_token_ids, teacher_output,
-                                       trace_ids)
+from trace_jax.teach.prompting import (CUTTABLE, Template, chat_ids, first_token_ids,
+                                       fit_fields, teacher_output, trace_ids)
 
 RAW_FILE = "mbeir_cot_raw.jsonl"
 REPORT_FILE = "teach_report.json"
@@ -96,11 +113,12 @@ class Progress:
             f"{self.skipped} skipped", flush=True)
 
 
-def my_share(items: list[TeachItem], done: set[str]) -> list[TeachItem]:
+def my_share(items: list[TeachItem], done: set,
+             key: Callable[[TeachItem], Any] = lambda it: it.qid) -> list[TeachItem]:
   """The items of this process's strided share (by position in `items`, the same in every
-  process whatever each has seen written) not yet done."""
+  process whatever each has seen written) whose `key` is not yet done."""
   p, n = jax.process_index(), jax.process_count()
-  return [it for i, it in enumerate(items) if i % n == p and it.qid not in done]
+  return [it for i, it in enumerate(items) if i % n == p and key(it) not in done]
 
 
 def seed_of(qid: str, seed: int) -> int:
@@ -123,11 +141,12 @@ def assess(config, teacher: Teacher | None, items: list[TeachItem], out_dir: str
                 for it in mine)
     progress.add(len(mine), force=True)
   elif config.assess.mode == "teacher":
-    template = Template(**config.assess.template)
-    for batch, confidence in _yes_probabilities(config, teacher, mine, template, progress):
-      shard.write({"qid": it.qid, "task_id": it.task_id, "p_reason": round(float(p), 6),
-                   "route": "reason" if p > config.assess.threshold else "direct"}
-                  for it, p in zip(batch, confidence))
+    template, cuts = Template(**config.assess.template), {}
+    for batch, confidence in _yes_probabilities(config, teacher, mine, template, progress,
+                                                cuts=cuts):
+      shard.write(_with_cut({"qid": it.qid, "task_id": it.task_id, "p_reason": round(float(p), 6),
+                             "route": "reason" if p > config.assess.threshold else "direct"},
+                            cuts) for it, p in zip(batch, confidence))
   else:
     raise ValueError(f"assess.mode={config.assess.mode!r}; expected 'dataset' or 'teacher'")
   shard.close()
@@ -147,19 +166,26 @@ def routes(out_dir: str, items: list[TeachItem]) -> dict[str, str]:
 
 
 def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> None:
-  """Writes the teacher output of each reason query of this process's share."""
+  """Writes a teacher output for each reason query of this process's share that needs one: its
+  first attempt, or the next after a rejected one (`attempts.next_attempts`)."""
   route = routes(out_dir, items)
-  shard, skipped = shards.Shard(out_dir, "generated"), shards.Shard(out_dir, "skipped")
-  mine = my_share([it for it in items if route[it.qid] == "reason"], shard.done | skipped.done)
+  shard = shards.Shard(out_dir, "generated", key=shards.attempt_key)
+  skipped = shards.Shard(out_dir, "skipped")
+  attempt = attempts.next_attempts(config, out_dir,
+                                   [it for it in items if route[it.qid] == "reason"])
+  todo = [it for it in items if it.qid in attempt]
+  mine = [it for it in my_share(todo, shard.done, key=lambda it: (it.qid, attempt[it.qid]))
+          if it.qid not in skipped.done]
   g = config.generate
   progress = Progress("generate", len(mine), config.progress_seconds)
   stops, stop_strings = _stops(teacher, g)
-  by_template = collections.defaultdict(list)
+  by_template, cuts = collections.defaultdict(list), {}
   for it in mine:
     by_template[_template_name(config.templates_for, it)].append(it)
   for name, group in by_template.items():
     template = Template(**config.templates[name])
-    requests, prefix = _requests(config, teacher, template, group, skipped, progress)
+    requests, prefix = _requests(config, teacher, template, group, skipped, progress, cuts,
+                                 attempt)
     if not requests:
       continue
     engine = Engine(teacher.model, capacity=g.slots, max_new_tokens=g.max_new_tokens,
@@ -172,13 +198,21 @@ def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> 
                         decode=teacher.tok.decode, prefix=prefix):
       it = f.tag
       text = teacher.tok.decode([t for t in f.tokens if t not in stops])
-      shard.write([{"qid": it.qid, "task_id": it.task_id, "route": "reason",
-                    "teacher_output": teacher_output(text, teacher.output_format),
-                    "new_tokens": len(f.tokens), "capped": f.capped}])
+      shard.write([_with_cut({"qid": it.qid, "task_id": it.task_id, "route": "reason",
+                              "attempt": attempt[it.qid],
+                              "teacher_output": teacher_output(text, teacher.output_format),
+                              "new_tokens": len(f.tokens), "capped": f.capped}, cuts)])
       progress.add(1, len(f.tokens))
   progress.add(force=True)
   shard.close()
   skipped.close()
+
+
+def _with_cut(record: dict, cuts: dict[str, dict]) -> dict:
+  """The record with its prompt's cut (`cut`: field -> tokens), when the budget cut it."""
+  if record["qid"] in cuts:
+    record["cut"] = cuts[record["qid"]]
+  return record
 
 
 def _stops(teacher: Teacher, g) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -204,27 +238,29 @@ def _template_name(templates_for, it: TeachItem) -> str:
 
 
 def _requests(config, teacher: Teacher, template: Template, group: list[TeachItem],
-              skipped: shards.Shard, progress: Progress) -> tuple[list[Request], list[int]]:
-  """Engine requests of the group (bad ones skipped or raised) and their shared prefix."""
+              skipped: shards.Shard, progress: Progress, cuts: dict[str, dict],
+              attempt: dict[str, int]) -> tuple[list[Request], list[int]]:
+  """Engine requests of the group (bad ones skipped or raised; prompt cuts in `cuts`), each
+  seeded for its query's attempt, and their shared prefix."""
   out, prefix = [], []
   for it in group:
     try:
       ids, shared, pixels = _prompt(teacher, template, it, config.generate.prompt_buckets,
-                                    answer="")
+                                    answer="", cuts=cuts)
     except BadItem as e:
       _skip(config, skipped, it, e, progress)
       continue
     if teacher.output_format == "tagged":
       prefix = ids[:shared]
-    out.append(Request(ids, pixels, seed_of(it.qid, config.seed), it))
+    out.append(Request(ids, pixels, seed_of(it.qid, config.seed + attempt[it.qid]), it))
   return out, prefix
 
 
 def _prompt(teacher: Teacher, template: Template, it: TeachItem, buckets, answer: str,
-            prefixed: bool = True):
+            prefixed: bool = True, cuts: dict[str, dict] | None = None):
   """(prompt ids, shared prefix length, pixels or None) of a query; BadItem when its image is
   missing or unreadable or the prompt (after the shared prefix when `prefixed`) does not fit the
-  largest bucket."""
+  largest bucket even with its cuttable fields emptied (`_fit_ids`; cuts go to `cuts[qid]`)."""
   image = template.image_of(it) if teacher.output_format == "tagged" else it.query_image
   pixels = None
   if image is not None:
@@ -236,15 +272,43 @@ def _prompt(teacher: Teacher, template: Template, it: TeachItem, buckets, answer
     except ValueError as e:
       raise BadItem(str(e)) from e
   n_img = teacher.image_tokens if image is not None else 0
-  if teacher.output_format == "trace":
-    ids, shared = trace_ids(teacher.tok, it, n_img, teacher.compact), 0
-  else:
-    ids, shared = chat_ids(teacher.tok, template.head, n_img, template.fill(it, answer))
-  length = len(ids) - (shared if prefixed else 0)
-  if length > max(buckets):
-    raise BadItem(str(PromptTooLongError(f"a prompt of {length} tokens (past any shared prefix) "
-                                         f"is longer than the largest bucket {max(buckets)}")))
+  ids, shared = _fit_ids(teacher, template, it, n_img, answer, max(buckets), prefixed, cuts)
   return ids, shared, pixels
+
+
+def _fit_ids(teacher: Teacher, template: Template, it: TeachItem, n_img: int, answer: str,
+             budget: int, prefixed: bool, cuts: dict[str, dict] | None):
+  """(ids, shared prefix length) of a query's prompt within `budget` tokens (past the shared
+  prefix when `prefixed`): the prompt budget. Its {target} text, then its {query} text, are cut
+  as far as needed (`prompting.fit_fields`), the cut logged and recorded in `cuts[qid]`;
+  BadItem when even empty fields leave it too long."""
+
+  def build(item):
+    if teacher.output_format == "trace":
+      return trace_ids(teacher.tok, item, n_img, teacher.compact), 0
+    return chat_ids(teacher.tok, template.head, n_img, template.fill(item, answer))
+
+  def length_of(item):
+    ids, shared = build(item)
+    return len(ids) - (shared if prefixed else 0)
+
+  ids, shared = build(it)
+  if len(ids) - (shared if prefixed else 0) <= budget:
+    return ids, shared
+  fields = (("query",) if teacher.output_format == "trace" else
+            tuple(name for name, _ in CUTTABLE if "{" + name + "}" in template.body))
+  fitted, cut = fit_fields(teacher.tok, it, length_of, budget, fields)
+  ids, shared = build(fitted)
+  length = len(ids) - (shared if prefixed else 0)
+  if length > budget:
+    raise BadItem(str(PromptTooLongError(
+      f"a prompt of {length} tokens (past any shared prefix) is longer than the largest bucket "
+      f"{budget} even with its {' and '.join(fields) or 'no'} text cut to nothing")))
+  _log.info("%s (query %s): cut %s tokens to fit the largest prompt bucket %d", it.where, it.qid,
+            cut, budget)
+  if cuts is not None:
+    cuts[it.qid] = cut
+  return ids, shared
 
 
 def _skip(config, skipped: shards.Shard, it: TeachItem, error: Exception,
@@ -261,21 +325,28 @@ def _skip(config, skipped: shards.Shard, it: TeachItem, error: Exception,
 
 
 def verify(config, verifier: Teacher, items: list[TeachItem], out_dir: str) -> None:
-  """Writes the verifier's confidence for each generated output of this process's share."""
-  outputs = {r["qid"]: r["teacher_output"] for r in shards.read(out_dir, "generated")}
-  shard, skipped = shards.Shard(out_dir, "verified"), shards.Shard(out_dir, "skipped")
-  todo = [it for it in items if it.qid in outputs]
-  mine = my_share(todo, shard.done | skipped.done)
+  """Writes the verifier's confidence for the latest attempt of each generated output of this
+  process's share."""
+  latest = {qid: tried[max(tried)]
+            for qid, tried in attempts.by_attempt(shards.read(out_dir, "generated")).items()}
+  shard = shards.Shard(out_dir, "verified", key=shards.attempt_key)
+  skipped = shards.Shard(out_dir, "skipped")
+  todo = [it for it in items if it.qid in latest]
+  mine = [it for it in my_share(todo, shard.done,
+                                key=lambda it: shards.attempt_key(latest[it.qid]))
+          if it.qid not in skipped.done]
   progress = Progress("verify", len(mine), config.progress_seconds)
-  by_template = collections.defaultdict(list)
+  by_template, cuts = collections.defaultdict(list), {}
   for it in mine:
     by_template[_template_name(config.verify.templates_for, it)].append(it)
   for name, group in by_template.items():
     template = Template(**config.verify.templates[name])
-    answer = lambda it: _answer_of(outputs[it.qid])  # noqa: E731
+    answer = lambda it: _answer_of(latest[it.qid]["teacher_output"])  # noqa: E731
     for batch, p in _yes_probabilities(config, verifier, group, template, progress, answer,
-                                       skipped):
-      shard.write({"qid": it.qid, "confidence": round(float(x), 6)} for it, x in zip(batch, p))
+                                       skipped, cuts):
+      shard.write(_with_cut({"qid": it.qid, "attempt": shards.attempt_key(latest[it.qid])[1],
+                             "confidence": round(float(x), 6)}, cuts)
+                  for it, x in zip(batch, p))
   progress.add(force=True)
   shard.close()
   skipped.close()
@@ -288,7 +359,8 @@ def _answer_of(output: str) -> str:
 
 def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], template: Template,
                        progress: Progress, answer: Callable[[TeachItem], str] = lambda it: "",
-                       skipped: shards.Shard | None = None
+                       skipped: shards.Shard | None = None,
+                       cuts: dict[str, dict] | None = None
                        ) -> Iterable[tuple[list[TeachItem], np.ndarray]]:
   """Batches of items with P(yes) / (P(yes) + P(no)) of the teacher's first answer token after
   the template's prompt (chat format, whatever the teacher's output format)."""
@@ -303,7 +375,8 @@ def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], templat
       batch, seqs, images = [], [], []
       for it in group[start:start + size]:
         try:
-          ids, _, pixels = _prompt(chat, template, it, buckets, answer(it), prefixed=False)
+          ids, _, pixels = _prompt(chat, template, it, buckets, answer(it), prefixed=False,
+                                   cuts=cuts)
         except BadItem as e:
           if skipped is None:
             raise BadItem(f"{it.where} (query {it.qid}): {e}") from e
@@ -329,14 +402,16 @@ def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], templat
 # ---------------------------------------------------------------------------------------- merge
 
 
-def merge(items: list[TeachItem], out_dir: str) -> dict:
+def merge(items: list[TeachItem], out_dir: str,
+          min_confidence: float = cot.MIN_CONFIDENCE) -> dict:
   """Writes the raw M-BEIR-CoT file (every routed query in file order: direct ones with no
-  output; reason ones with their output and confidence, when generated) and the report."""
+  output; reason ones, when generated, with the attempt kept (`attempts.chosen`: the first
+  accepted, else the last), its output and confidence) and the report."""
   route = routes(out_dir, items)
-  generated = {r["qid"]: r for r in shards.read(out_dir, "generated")}
-  confidence = {r["qid"]: r["confidence"] for r in shards.read(out_dir, "verified")}
+  generated = attempts.by_attempt(shards.read(out_dir, "generated"))
+  verified = attempts.by_attempt(shards.read(out_dir, "verified"))
   skipped = {r["qid"]: r["reason"] for r in shards.read(out_dir, "skipped")}
-  counts = collections.Counter()
+  counts, kept = collections.Counter(), {}
   path = os.path.join(out_dir, RAW_FILE)
   with open(path + ".partial", "w", encoding="utf-8") as f:
     for it in items:
@@ -346,19 +421,41 @@ def merge(items: list[TeachItem], out_dir: str) -> dict:
         if it.qid not in generated:
           counts["skipped" if it.qid in skipped else "not_generated"] += 1
           continue
-        record["teacher_output"] = generated[it.qid]["teacher_output"]
-        if it.qid in confidence:
-          record["confidence"] = confidence[it.qid]
+        tried, judged = generated[it.qid], verified.get(it.qid, {})
+        attempt = attempts.chosen(tried, judged, min_confidence)
+        kept[it.qid] = (tried[attempt], judged.get(attempt, {}).get("confidence"))
+        record["teacher_output"] = tried[attempt]["teacher_output"]
+        if kept[it.qid][1] is not None:
+          record["confidence"] = kept[it.qid][1]
       counts[route[it.qid]] += 1
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
   os.replace(path + ".partial", path)
-  conf = [confidence[q] for q in generated if q in confidence]
+  conf = [c for _, c in kept.values() if c is not None]
   report = {"queries": len(items), "written": counts["reason"] + counts["direct"],
             "reason": counts["reason"], "direct": counts["direct"],
             "skipped": counts["skipped"], "not_generated": counts["not_generated"],
-            "capped": sum(bool(r.get("capped")) for r in generated.values()),
+            "capped": sum(bool(r.get("capped")) for r, _ in kept.values()),
             "verified": len(conf), "mean_confidence": float(np.mean(conf)) if conf else None,
-            "above_0.7": sum(c > 0.7 for c in conf), "raw_file": path}
+            "above_0.7": sum(c > 0.7 for c in conf),
+            "accepted": sum(c is not None and not attempts.rejected(
+                              r["teacher_output"], c, min_confidence) for r, c in kept.values()),
+            "retried": sum(len(generated[q]) > 1 for q in kept),
+            "attempts": dict(sorted(collections.Counter(str(len(generated[q])) for q in kept)
+                                    .items())),
+            "prompt_cuts": _cut_report(out_dir), "raw_file": path}
   with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
     json.dump(report, f, indent=2)
   return report
+
+
+def _cut_report(out_dir: str) -> dict:
+  """Per phase: how many queries' prompts the budget cut, the tokens cut per field, and their
+  qids (an attempt repeats its query's cut; counted once)."""
+  out = {}
+  for phase, name in (("routes", "assess"), ("generated", "generate"), ("verified", "verify")):
+    cut = {r["qid"]: r["cut"] for r in shards.read(out_dir, phase) if r.get("cut")}
+    tokens = collections.Counter()
+    for c in cut.values():
+      tokens.update(c)
+    out[name] = {"queries": len(cut), "tokens": dict(tokens), "qids": sorted(cut)}
+  return out

@@ -6,14 +6,19 @@ engine's shared prefix), the image, then a `body` with the query's fields: `{ins
 `{query}`, `{target}` (the positive's text), `{answer}` (in verifier templates). They are laid
 out in Qwen2-VL's chat template. A TRACE-trained checkpoint used as teacher (`format="trace"`)
 is prompted with its own query prompt instead and writes `reasoning answer` with no tags: its
-answer is the last sentence. This module runs no model.
+answer is the last sentence.
+
+The prompt budget (`fit_fields`): a prompt longer than the largest bucket has its positive's text
+({target}: a knowledge entity's whole Wikipedia text) cut to fit, then the query text when that
+is not enough; the head, the image tokens, the instruction, the answer being verified and the
+template's fixed text stay whole. This module runs no model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 from trace_jax.data import prompts
 from trace_jax.data.tokenizer import Tokenizer
@@ -75,3 +80,38 @@ def teacher_output(text: str, output_format: str) -> str:
 def first_token_ids(tok: Tokenizer, words: Sequence[str]) -> list[int]:
   """The distinct first tokens of `words` (e.g. "yes", "Yes"): a one-token answer's ids."""
   return sorted({tok.encode(w)[0] for w in words if tok.encode(w)})
+
+
+# Fields the budget may shorten, in the order it cuts them (the name in a template's body, the
+# item's attribute).
+CUTTABLE = (("target", "target_text"), ("query", "query_text"))
+
+
+def fit_fields(tok: Tokenizer, item: TeachItem, length_of: Callable[[TeachItem], int],
+               budget: int, fields: Sequence[str]) -> tuple[TeachItem, dict[str, int]]:
+  """The item with its `fields` ("target", then "query") cut from the end, each only as far as
+  needed, until `length_of(item) <= budget`, and how many tokens each lost ({} when it fit).
+
+  The result may still be over budget (nothing left to cut): the caller says so. The item's
+  other fields are never changed.
+  """
+  cuts = {}
+  for name, attr in CUTTABLE:
+    over = length_of(item) - budget
+    if over <= 0:
+      break
+    if name not in fields:
+      continue
+    tokens = tok.encode(getattr(item, attr))
+    keep, cut = max(0, len(tokens) - over), item
+    while True:  # Re-tokenising a cut text can differ by a token or two: cut until it fits.
+      text = tok.decode(tokens[:keep]).rstrip("\ufffd").rstrip() if keep else ""
+      cut = dataclasses.replace(item, **{attr: text})
+      over = length_of(cut) - budget
+      if over <= 0 or keep == 0:
+        break
+      keep = max(0, keep - over)
+    if keep < len(tokens):
+      cuts[name] = len(tokens) - keep
+    item = cut
+  return item, cuts

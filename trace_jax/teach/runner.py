@@ -9,7 +9,7 @@ from typing import Sequence
 
 import jax
 
-from trace_jax.teach import phases
+from trace_jax.teach import attempts, phases
 from trace_jax.teach.items import load_items, sample_items
 
 PHASES = ("assess", "generate", "verify", "merge", "all")
@@ -47,17 +47,19 @@ def run(config, phase: str, teacher_path: str | None, verifier_path: str | None,
     phases.assess(config, the_teacher() if config.assess.mode == "teacher" else None, items,
                   out_dir)
     _barrier("assess")
-  if phase in ("generate", "all"):
-    phases.generate(config, the_teacher(), items, out_dir)
-    _barrier("generate")
-  if phase in ("verify", "all"):
-    if verifier_path:
-      from trace_jax.teach.loading import load_teacher
-      verifier = load_teacher(verifier_path, config, root)
-    else:
-      verifier = the_teacher()
-    phases.verify(config, verifier, items, out_dir)
-    _barrier("verify")
+  verifier = None
+  # "all" runs a round per attempt: generate what needs an attempt, verify it (rejected outputs
+  # get their next attempt in the next round; `attempts.py`). A single phase runs one round.
+  for k in range(attempts.max_attempts(config) if phase == "all" else 1):
+    if phase in ("generate", "all"):
+      phases.generate(config, the_teacher(), items, out_dir)
+      _barrier(f"generate{k}")
+    if phase in ("verify", "all"):
+      if verifier is None and verifier_path:
+        from trace_jax.teach.loading import load_teacher
+        verifier = load_teacher(verifier_path, config, root)
+      phases.verify(config, verifier or the_teacher(), items, out_dir)
+      _barrier(f"verify{k}")
   if phase in ("merge", "all") and jax.process_index() == 0:
-    return phases.merge(items, out_dir)
+    return phases.merge(items, out_dir, config.min_confidence)
   return None

@@ -3,8 +3,9 @@
 A phase's records live in `OUT/<phase>.p<i>of<n>.jsonl`, one JSON object per line with a `qid`.
 A process killed mid-write leaves at most a partial last line, which the next run cuts off; the
 qids already written (by any process of any earlier run, whatever its process count) are done and
-never redone, so a rerun finishes the rest without duplicating a record. Lines are flushed as
-they are written.
+never redone, so a rerun finishes the rest without duplicating a record. A record is known by its
+`qid`, or by (`qid`, `attempt`) in the phases that keep one record per attempt (`attempt_key`).
+Lines are flushed as they are written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 import jax
 
@@ -30,21 +31,28 @@ def read(out_dir: str, phase: str) -> Iterator[dict]:
           yield json.loads(line)
 
 
-class Shard:
-  """This process's shard of a phase: the qids done so far (every shard's), and `write`."""
+def attempt_key(record: dict) -> tuple[str, int]:
+  """(qid, attempt) of a generated or verified record (a record from before attempts: 0)."""
+  return record["qid"], record.get("attempt", 0)
 
-  def __init__(self, out_dir: str, phase: str):
+
+class Shard:
+  """This process's shard of a phase: the keys done so far (every shard's), and `write`."""
+
+  def __init__(self, out_dir: str, phase: str,
+               key: Callable[[dict], Hashable] = lambda r: r["qid"]):
     os.makedirs(out_dir, exist_ok=True)
     self.path = os.path.join(out_dir, f"{phase}.p{jax.process_index()}of"
                                       f"{jax.process_count()}.jsonl")
     _cut_partial_line(self.path)
-    self.done = {r["qid"] for r in read(out_dir, phase)}
+    self.key = key
+    self.done = {key(r) for r in read(out_dir, phase)}
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, records: Iterable[dict]) -> None:
     for r in records:
       self._file.write(json.dumps(r, ensure_ascii=False) + "\n")
-      self.done.add(r["qid"])
+      self.done.add(self.key(r))
     self._file.flush()
 
   def close(self) -> None:
