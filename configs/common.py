@@ -140,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   # A query of train_files without a record in cot_file: "error" stops naming it; "drop" leaves
   # it out of training, counted in the log (a file build_cot filtered lists the kept queries).
   c.data.cot_missing = "error"
+  # Datasets of train_files that cot_file may leave uncovered (no record of any of their
+  # queries, e.g. a teacher run over --datasets=cirr): their queries are dropped, counted in the
+  # log. Any other uncovered dataset is an error naming it. Names as in mbeir.DATASET_IDS, any
+  # case, e.g. ("oven", "infoseek").
+  c.data.cot_drop_datasets = ()
   # ArrayRecord shards written by tools/convert_examples (images inline); when set, the pipeline
   # reads them instead of the files above.
   c.data.shards_dir = ""

@@ -7,6 +7,7 @@ except the command-line run, which trains a tiny SentencePiece model. No JAX com
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -419,3 +420,28 @@ def test_training_target_parts():
   assert cot.training_target(record, "answer", "</think>") == GOOD_ANSWER
   with pytest.raises(ValueError, match="target part"):
     cot.training_target(record, "both")
+
+
+# --------------------------------------------------------------------------------- coverage
+
+
+def test_training_refuses_a_cot_file_that_misses_a_dataset_unless_told_to_drop_it(
+    tmp_path, caplog):
+  """mbeir_mini's union train file: four MSCOCO queries and one CIRR query; the CoT file (a
+  teacher run over --datasets=cirr) covers CIRR only."""
+  from tests.fixtures import MBEIR_MINI
+  from trace_jax.data.examples import load_split
+  files = [("query/union_train/mbeir_union_up_train.jsonl",
+            "cand_pool/global/mbeir_union_train_cand_pool.jsonl")]
+  path = _write_lines(tmp_path / "cot.jsonl", [
+      {"qid": "8:3", "task_id": 7, "route": "reason", "teacher_output": _wrap("r", "a")}])
+  for missing in ("drop", "error"):
+    with pytest.raises(ValueError, match=r"no record of any query of MSCOCO \(4 queries\).*"
+                                         r'cot_drop_datasets=\("mscoco"\)'):
+      load_split(MBEIR_MINI, files, path, cot_missing=missing)
+  with caplog.at_level(logging.WARNING):
+    kept = load_split(MBEIR_MINI, files, path, cot_missing="drop", cot_drop_datasets=("MSCOCO",))
+  assert [e.qid for e in kept] == ["8:3"] and kept[0].reasoning == "r a"
+  assert "covers no query of MSCOCO (4 queries): not trained on" in caplog.text
+  with pytest.raises(ValueError, match=r"unknown datasets \['coco'\]"):
+    load_split(MBEIR_MINI, files, path, cot_drop_datasets=("coco",))

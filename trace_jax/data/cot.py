@@ -16,13 +16,16 @@ What this is not: no teacher model and no verifier model (`trace_jax/teach/` run
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import re
 from typing import Callable, Iterator, Literal
 
-from trace_jax.data.mbeir import MBEIRFormatError, read_jsonl
+from trace_jax.data.mbeir import DATASET_IDS, MBEIRFormatError, read_jsonl
 from trace_jax.data.tokenizer import Tokenizer
 
+_log = logging.getLogger(__name__)
 ROUTES = ("reason", "direct")
 Route = Literal["reason", "direct"]
 
@@ -397,3 +400,48 @@ def check_confidence(record: CoTRecord, cfg: FilterConfig = FilterConfig()) -> s
   if record.confidence is None:
     return UNVERIFIED if cfg.require_confidence else None
   return None if record.confidence > cfg.min_confidence else CONFIDENCE
+
+
+# ----------------------------------------------------------------------------------- coverage
+
+
+class CoTCoverage:
+  """Which datasets a CoT file covers (it holds a record of at least one of their queries), and
+  the training queries of the others: dropped when `drop` names their dataset, else counted as
+  uncovered for `check` to refuse. A teacher run over `--datasets=cirr` covers only CIRR; a
+  training run reading it with `cot_missing=drop` would otherwise lose every other dataset's
+  reasoning queries without a word."""
+
+  def __init__(self, records: dict[str, CoTRecord], drop: tuple[str, ...] = ()):
+    names = {name.lower(): i for name, i in DATASET_IDS.items()}
+    unknown = [d for d in drop if d.lower() not in names]
+    if unknown:
+      raise ValueError(f"data.cot_drop_datasets names unknown datasets {unknown}; expected "
+                       f"names of {sorted(DATASET_IDS)}")
+    self.covered = {int(q.partition(":")[0]) for q in records if q.partition(":")[0].isdigit()}
+    self.drop = {names[d.lower()] for d in drop}
+    self.dropped: collections.Counter = collections.Counter()  # dataset id -> queries
+    self.uncovered: collections.Counter = collections.Counter()
+
+  def admits(self, dataset_id: int) -> bool:
+    """Whether a query of this dataset is looked up in the file (else counted, not trained)."""
+    if dataset_id in self.covered:
+      return True
+    (self.dropped if dataset_id in self.drop else self.uncovered)[dataset_id] += 1
+    return False
+
+  def check(self, cot_file: str) -> None:
+    """Logs the dropped datasets; raises naming the uncovered ones and their query counts."""
+    names = {i: name for name, i in DATASET_IDS.items()}
+    describe = lambda c: ", ".join(  # noqa: E731
+      f"{names.get(i, i)} ({n} queries)" for i, n in sorted(c.items()))
+    if self.dropped:
+      _log.warning("%s covers no query of %s: not trained on (data.cot_drop_datasets)",
+                   cot_file, describe(self.dropped))
+    if self.uncovered:
+      raise ValueError(
+        f"{cot_file} (data.cot_file) has no record of any query of {describe(self.uncovered)} "
+        "in data.train_files: build it over them, or name them in data.cot_drop_datasets "
+        "(e.g. data.cot_drop_datasets=(" + ", ".join(
+          f'"{names.get(i, i).lower()}"' for i in sorted(self.uncovered)) + ")) to train "
+        "without them")

@@ -62,8 +62,8 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                    cot: dict[str, cot_lib.CoTRecord] | None = None, *,
                    instruction_mode: str = "first", seed: int = 0, target: str = "full",
                    cand_target: str = "none", marker: str = "",
-                   cot_missing: str = "error", hard_negatives: str = "none"
-                   ) -> list[TrainExample]:
+                   cot_missing: str = "error", hard_negatives: str = "none",
+                   coverage: cot_lib.CoTCoverage | None = None) -> list[TrainExample]:
   """Examples of one query file; the positive is the first of `pos_cand_list`.
 
   Every query must have its positive in `pool`. When `cot` is given, a query without a CoT
@@ -80,6 +80,8 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
   queries write nothing. `marker`: the
   end-of-reasoning token written after the reasoning (`data.reasoning_marker`), or "".
   `hard_negatives`: "none", "listed" or "pool", each example's hard negative (`negatives.py`).
+  `coverage`: with `cot`, a query of a dataset the CoT file does not cover is left out and
+  counted there (`load_split` then drops or refuses it).
   """
   if cand_target not in CAND_TARGETS:
     raise ValueError(f"data.cand_target={cand_target!r}; expected one of {CAND_TARGETS}")
@@ -102,6 +104,8 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
                                                        mode=instruction_mode, rng=rng)
     reasoning = cand_reasoning = None
     if cot is not None:
+      if coverage is not None and not coverage.admits(query.dataset_id):
+        continue
       if query.qid not in cot:
         if cot_missing == "drop":
           dropped += 1
@@ -135,16 +139,25 @@ def build_examples(root: str, query_file: str, pool: dict[str, mbeir.Candidate],
 def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None, *,
                instruction_mode: str = "first", seed: int = 0, target: str = "full",
                cand_target: str = "none", marker: str = "",
-               cot_missing: str = "error", hard_negatives: str = "none") -> list[TrainExample]:
+               cot_missing: str = "error", hard_negatives: str = "none",
+               cot_drop_datasets: tuple[str, ...] = ()) -> list[TrainExample]:
   """Examples of every (query file, pool file) pair under `root`, in order, with routes and
-  reasoning from `cot_file` (None: every example is direct); the keywords as `build_examples`."""
+  reasoning from `cot_file` (None: every example is direct); the keywords as `build_examples`.
+
+  Raises:
+    ValueError: the CoT file covers no query of some dataset of the files (names each, with its
+      query count) that `cot_drop_datasets` does not name (`cot.CoTCoverage`).
+  """
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
   cot = cot_lib.read_cot(cot_file) if cot_file else None
+  coverage = cot_lib.CoTCoverage(cot, tuple(cot_drop_datasets)) if cot is not None else None
   out: list[TrainExample] = []
   for query_file, pool_file in files:
     pool = mbeir.load_pool(os.path.join(root, pool_file))
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
                           instruction_mode=instruction_mode, seed=seed, target=target,
                           cand_target=cand_target, marker=marker, cot_missing=cot_missing,
-                          hard_negatives=hard_negatives)
+                          hard_negatives=hard_negatives, coverage=coverage)
+  if coverage is not None:
+    coverage.check(cot_file)
   return out

@@ -104,7 +104,8 @@ def load_examples(data) -> list[TrainExample]:
   return load_split(data.root, data.train_files, cot_file, instruction_mode=data.instruction_mode,
                     seed=data.seed, target=data.target, cand_target=data.cand_target,
                     marker=marker(data), cot_missing=data.cot_missing,
-                    hard_negatives=data.hard_negatives)
+                    hard_negatives=data.hard_negatives,
+                    cot_drop_datasets=tuple(data.get("cot_drop_datasets", ())))
 
 
 def check_shards_targets(data) -> None:
