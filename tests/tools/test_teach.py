@@ -341,3 +341,26 @@ def test_prompt_budget_cuts_the_target_then_the_query(run, tmp_path):
   with pytest.raises(phases.BadItem, match="longer than the largest bucket 40 even with its "
                                            "target and query text cut to nothing"):
     phases._prompt(teacher, template, long, (40,), "a red dress", prefixed=False, cuts={})
+
+
+class _Words:
+  """Whitespace words as tokens (enough for the budget's arithmetic)."""
+
+  def encode(self, text):
+    return text.split()
+
+  def decode(self, ids):
+    return " ".join(ids)
+
+
+def test_fit_fields_cuts_the_target_first_then_the_query():
+  from trace_jax.teach.prompting import fit_fields
+  it = _item("8:1", target="t " * 30, query="q " * 10)
+  length = lambda x: 5 + len(x.query_text.split()) + len(x.target_text.split())  # noqa: E731
+  cut, cuts = fit_fields(_Words(), it, length, 25, ("target", "query"))
+  assert cuts == {"target": 20} and cut.query_text == it.query_text and length(cut) == 25
+  cut, cuts = fit_fields(_Words(), it, length, 10, ("target", "query"))
+  assert cuts == {"target": 30, "query": 5} and cut.target_text == "" and length(cut) == 10
+  cut, cuts = fit_fields(_Words(), it, length, 10, ("query",))  # A template without {target}.
+  assert cuts == {"query": 10} and length(cut) > 10  # Still too long: the caller says so.
+  assert fit_fields(_Words(), it, length, 100, ("target", "query")) == (it, {})

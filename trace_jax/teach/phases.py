@@ -147,6 +147,7 @@ def assess(config, teacher: Teacher | None, items: list[TeachItem], out_dir: str
       shard.write(_with_cut({"qid": it.qid, "task_id": it.task_id, "p_reason": round(float(p), 6),
                              "route": "reason" if p > config.assess.threshold else "direct"},
                             cuts) for it, p in zip(batch, confidence))
+    _note_cuts("assess", cuts)
   else:
     raise ValueError(f"assess.mode={config.assess.mode!r}; expected 'dataset' or 'teacher'")
   shard.close()
@@ -204,8 +205,17 @@ def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> 
                               "new_tokens": len(f.tokens), "capped": f.capped}, cuts)])
       progress.add(1, len(f.tokens))
   progress.add(force=True)
+  _note_cuts("generate", cuts)
   shard.close()
   skipped.close()
+
+
+def _note_cuts(phase: str, cuts: dict[str, dict]) -> None:
+  """One warning per phase for the prompts the budget cut (each was logged at info level)."""
+  if cuts:
+    _log.warning("[%s] process %d: %d prompts cut to fit the largest bucket (e.g. %s; every "
+                 "qid in the report's prompt_cuts)", phase, jax.process_index(), len(cuts),
+                 sorted(cuts)[:5])
 
 
 def _with_cut(record: dict, cuts: dict[str, dict]) -> dict:
@@ -348,6 +358,7 @@ def verify(config, verifier: Teacher, items: list[TeachItem], out_dir: str) -> N
                              "confidence": round(float(x), 6)}, cuts)
                   for it, x in zip(batch, p))
   progress.add(force=True)
+  _note_cuts("verify", cuts)
   shard.close()
   skipped.close()
 
