@@ -166,19 +166,21 @@ def _free_port() -> int:
 
 
 def test_two_processes_give_one_processs_records(run, tmp_path):
-  """With sampling and every output rejected (min_confidence=1), each reason query is retried
-  once; two processes write one process's attempts and records."""
+  """With sampling and every output rejected (min_confidence=1), each reason query of a seeded
+  24-query sample is retried once; two processes draw the same sample and write one process's
+  attempts and records."""
   config, workdir = run
   root = config.data.root
   one = str(tmp_path / "one")
-  retry = {"generate.temperature": 0.7, "min_confidence": 1.0, "max_attempts": 2}
+  retry = {"generate.temperature": 0.7, "min_confidence": 1.0, "max_attempts": 2,
+           "max_queries": 24}
   cfg = teach_cfg()
   for key, value in retry.items():
     section, _, field = key.rpartition(".")
     setattr(cfg[section] if section else cfg, field, value)
   report = runner.run(cfg, "all", workdir, None, root, one)
-  assert report["retried"] == report["reason"] > 0 and report["attempts"] == {
-    "2": report["reason"]}
+  assert report["queries"] == 24 and report["retried"] == report["reason"] > 0
+  assert report["attempts"] == {"2": report["reason"]}
   out = str(tmp_path / "two")
   port = _free_port()
   env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
