@@ -333,9 +333,11 @@ class _nothing:
 
 
 def _cut_at_string(f: Finished, stop_strings, decode) -> Finished:
-  """`f` with its tokens cut after the first stop string (the fewest tokens whose text has it)."""
+  """`f` with its tokens cut after the first stop string (the fewest tokens whose text has it);
+  not capped then, as a row the host stopped (`cancel`) is not: it ended at its stop string even
+  when a decode chunk ran it on to the token limit."""
   if not stop_strings or not any(s in decode(f.tokens) for s in stop_strings):
     return f
   n = next(n for n in range(1, len(f.tokens) + 1)
            if any(s in decode(f.tokens[:n]) for s in stop_strings))
-  return dataclasses.replace(f, tokens=f.tokens[:n])
+  return dataclasses.replace(f, tokens=f.tokens[:n], capped=False)
