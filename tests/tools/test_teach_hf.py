@@ -87,7 +87,7 @@ def hf_generate(model, teacher, config, it, stops) -> list[int]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  """(config, world, HF dir, four queries (tasks 0, 3, 6, 7), teacher, transformers' outputs).
+  """(config, world, HF dir, four queries (tasks 0, 3, 7, 7), teacher, transformers' outputs).
 
   `<|im_end|>` is made the model's greedy choice on the way: its output row is swapped with that
   of a token X the first query writes third (the prompts are unchanged, so every row writes
@@ -100,12 +100,20 @@ def setup(tmp_path_factory):
   config = teach_config.get_config("world=demo,dtype=float32")
   config.generate.image_grid = GRID
   config.generate.max_new_tokens = MAX_NEW
-  config.generate.prompt_buckets = (512,)
-  config.verify.prompt_buckets = (1024,)
+  config.generate.prompt_buckets = (128,)  # After the template's head.
+  config.verify.prompt_buckets = (512,)
+  config.generate.slots = config.generate.batch_size = 4
+  # One template per phase: each template is a shared prefix of its own, programs of its own.
+  config.templates_for = {"default": "describe_target"}
+  config.verify.templates_for = {"default": "description"}
   config.assess.mode = "teacher"
   config.assess.threshold = 0.0  # Every query reasons (P(yes) > 0), so every phase has work.
   items = load_items(root, config.files)
-  items = [next(it for it in items if it.task_id == t) for t in (0, 3, 6, 7)]
+  # A text and an image query, two (image, text) -> image ones: assess (query images) and
+  # verify (the positives' images) then batch one text row and three image rows alike, and
+  # verify runs on assess's programs.
+  items = [it for t, k in ((0, 1), (3, 1), (7, 2)) for it in
+           [it for it in items if it.task_id == t][:k]]
   teacher = load_teacher(hf_dir, config, root)
   stops, _ = phases._stops(teacher, config.generate)
   free = [hf_generate(model, teacher, config, it, stops) for it in items]
