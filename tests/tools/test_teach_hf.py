@@ -147,6 +147,24 @@ def test_prompt_ids_equal_the_chat_template(setup):
       assert ids[:shared] == phases._shared_prefix(teacher, template)
 
 
+def test_requests_decode_no_image_until_the_engine_asks(setup, tmp_path, monkeypatch):
+  """The generate phase's requests are built one at a time as they are read, each image a
+  function the engine's workers call (none is decoded while the requests are built)."""
+  config, _, _, items, teacher, _ = setup
+  calls = []
+  resize = phases.image_lib.resize_to_grid
+  monkeypatch.setattr(phases.image_lib, "resize_to_grid",
+                      lambda *a, **k: calls.append(a[0]) or resize(*a, **k))
+  template = Template(**config.templates["describe_target"])
+  reqs = phases._requests(config, teacher, template, items, shards.Shard(str(tmp_path), "skip"),
+                          phases.Progress("generate", len(items), 1e9))
+  built = list(reqs)
+  assert [r.tag for r in built] == items and not calls
+  lazy = [r for r in built if r.pixels is not None]
+  assert len(lazy) == 3 and all(callable(r.pixels) for r in lazy)
+  assert lazy[0].pixels().shape == (16, 1176) and len(calls) == 1
+
+
 def test_all_phases_then_build_cot(setup, tmp_path):
   config, root, _, items, teacher, want = setup
   out = str(tmp_path / "teach")
