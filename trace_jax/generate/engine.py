@@ -24,8 +24,8 @@ encoder needs what serving engines do not expose: the hidden state of the token 
 pixels or a function that decodes them, a seed), read a bounded window ahead of admission with
 the images decoded by worker threads (`streaming.py`); `api.generate` is the plain function
 over transformers-style inputs, and the routing encoder (`infer/encode.py`) decodes its
-reasoning rows with the same engine. The jitted
-programs and the decode buffer live in `programs.py`; this module is the host-side bookkeeping.
+reasoning rows with the same engine. The jitted programs and the decode buffer live in
+`programs.py`; this module is the host-side bookkeeping.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Engine:
           batch = pending.take(min(batch_size, self.free))
           if batch:
             done = self._prefill_and_submit(batch, layout, grid, buckets, list(prefix), shared)
-            del batch  # Its images: only the prefill's batch holds them from here.
+            del batch  # Its images go now, not when the next batch is taken.
             yield from done
         finished = self.step(refill_at=refill if pending else 0, shrink=not pending)
         if stop_strings:
