@@ -12,7 +12,8 @@ from trace_jax.generate import Engine, Request
 
 GRID = (1, 4, 8)
 IMAGE_IDS = [tiny.START] + [tiny.IMAGE] * 8 + [tiny.END]
-ENGINE = dict(capacity=2, cache_len=32, max_new_tokens=4, chunk=4)
+# test_generate's shared-prefix engine: in one pytest process, its programs come from the cache.
+ENGINE = dict(capacity=4, cache_len=64, max_new_tokens=6, chunk=3)
 
 
 class Decoder:
@@ -62,9 +63,9 @@ def test_lazy_images_stay_within_the_window_and_match_the_eager_path():
   model = tiny.model()
   decoder = Decoder()
   eager = {f.tag: f.tokens for f in Engine(model, **ENGINE).run(
-    requests(12, decoder.pixels), grid=GRID, buckets=(16,), batch_size=2)}
+    requests(12, decoder.pixels), grid=GRID, buckets=(32,), batch_size=2)}
   streamed = Engine(model, **ENGINE).run((r for r in requests(12, decoder.lazy)), grid=GRID,
-                                         buckets=(16,), batch_size=2, prefetch=2)
+                                         buckets=(32,), batch_size=2, prefetch=2)
   lazy = {f.tag: f.tokens for f in streamed}
   assert lazy == eager and len(lazy) == 12
   assert decoder.calls == 11 and 1 <= decoder.peak <= 2 + 2, decoder.peak
@@ -76,10 +77,10 @@ def test_failed_decodes_go_to_on_error_or_stop_the_run():
   decoder = Decoder(fail={1, 5})
   failed = []
   got = {f.tag for f in Engine(model, **ENGINE).run(
-    requests(8, decoder.lazy), grid=GRID, buckets=(16,), batch_size=2, prefetch=2,
+    requests(8, decoder.lazy), grid=GRID, buckets=(32,), batch_size=2, prefetch=2,
     on_error=lambda r, e: failed.append((r.tag, str(e))))}
   assert failed == [(1, "cannot decode image 1"), (5, "cannot decode image 5")]
   assert got == set(range(8)) - {1, 5}
   with pytest.raises(ValueError, match="cannot decode image 1"):
     list(Engine(model, **ENGINE).run(requests(8, Decoder(fail={1}).lazy), grid=GRID,
-                                     buckets=(16,), batch_size=2, prefetch=2))
+                                     buckets=(32,), batch_size=2, prefetch=2))
