@@ -121,6 +121,10 @@ def get_config(arg: str = ""):
   c.generate.batch_size = 8  # Prompts per prefill.
   c.generate.slots = 16  # Rows decoding at once (continuous batching).
   c.generate.chunk = 16  # Decoding steps per on-device loop.
+  # Images are read and resized on `decode_workers` threads just before their query is
+  # admitted, at most `prefetch_batches` batches ahead (host memory: ~1.2 MB an image at 16x16).
+  c.generate.prefetch_batches = 4
+  c.generate.decode_workers = 2
   # Reasoning (<= 256 tokens) + answer (<= 64) + tags: what the CoT filter can admit.
   c.generate.max_new_tokens = 384
   c.generate.temperature = 0.0  # 0: greedy (a rerun after a kill gives the same records).

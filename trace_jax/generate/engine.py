@@ -21,23 +21,24 @@ encoder needs what serving engines do not expose: the hidden state of the token 
   slot or neighbours.
 
 `Engine.run` drives all of it for a stream of requests (`Request`: prompt ids, an image's
-pixels, a seed); `api.generate` is the plain function over transformers-style inputs, and the
-routing encoder (`infer/encode.py`) decodes its reasoning rows with the same engine. The jitted
-programs and the decode buffer live in `programs.py`; this module is the host-side bookkeeping.
+pixels or a function that decodes them, a seed), read a bounded window ahead of admission with
+the images decoded by worker threads (`streaming.py`); `api.generate` is the plain function
+over transformers-style inputs, and the routing encoder (`infer/encode.py`) decodes its
+reasoning rows with the same engine. The jitted programs and the decode buffer live in
+`programs.py`; this module is the host-side bookkeeping.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trace_jax.generate import batching, programs
+from trace_jax.generate import batching, programs, streaming
 from trace_jax.generate.programs import Slots, prefill
 from trace_jax.generate.sampling import Sampling, next_tokens
 from trace_jax.model.decoder import KVCache
@@ -57,10 +58,12 @@ class Finished:
 @dataclasses.dataclass(frozen=True)
 class Request:
   """A prompt for `Engine.run`: token ids (with `<|image_pad|>`s for its image), the image's
-  [P, C] pixels at the engine's grid (or None), a sampling seed and the caller's tag."""
+  [P, C] pixels at the engine's grid (or None), a sampling seed and the caller's tag. `pixels`
+  may be a function returning them: the engine decodes it on a worker thread just before the
+  request is admitted (`streaming.Window`)."""
 
   ids: Sequence[int]
-  pixels: np.ndarray | None = None
+  pixels: np.ndarray | Callable[[], np.ndarray] | None = None
   seed: int = 0
   tag: Any = None
   max_new_tokens: int = 0  # 0: the engine's.
@@ -196,26 +199,41 @@ class Engine:
 
   def run(self, requests: Iterable[Request], *, grid: Sequence[int] | None = None,
           buckets: Sequence[int] = (256,), batch_size: int = 8, stop_strings: Sequence[str] = (),
-          decode=None, prefix: Sequence[int] = ()) -> Iterator[Finished]:
+          decode=None, prefix: Sequence[int] = (), prefetch: int = 0, workers: int = 2,
+          on_error: streaming.OnError | None = None) -> Iterator[Finished]:
     """Generates every request, yielding each as it finishes (order of finishing). Prompts are
     prefilled `batch_size` at a time (requests with images apart from those without, each
     image resized by the caller to `grid`) whenever at least a quarter of the slots are free.
     `stop_strings` (with `decode`, token ids -> text) stop a row whose text contains one; its
     tokens are then cut right after it. `prefix`: text tokens every request starts with (a
     task's template); their keys and values are computed once and every prefill attends to
-    them (`buckets` then size the rest of each prompt)."""
-    pending = collections.deque(requests)
+    them (`buckets` then size the rest of each prompt).
+
+    `requests` is read lazily, at most `prefetch` (0: 4 batches) ahead of admission; lazy images
+    (`Request.pixels` a function) decode on `workers` threads meanwhile, so at most `prefetch +
+    batch_size` decoded images are alive. A decode that raises is passed to `on_error(request,
+    error)` (the request is then dropped; re-raise to stop), or raised when there is none."""
+    prefetch = prefetch or 4 * batch_size
+    if prefetch < batch_size:
+      raise ValueError(f"prefetch={prefetch} is below batch_size={batch_size}")
+    pending = streaming.Window(requests, prefetch, workers, on_error)
     refill = max(1, self.capacity // 4)
     layout = None if grid is None else batching.image_layout(self.model.cfg, grid)
     shared = self._prefix_cache(list(prefix)) if len(prefix) else None
-    while pending or self.active:
-      while pending and self.free >= min(refill, len(pending)):
-        batch = _take_batch(pending, min(batch_size, self.free))
-        yield from self._prefill_and_submit(batch, layout, grid, buckets, list(prefix), shared)
-      finished = self.step(refill_at=refill if pending else 0, shrink=not pending)
-      if stop_strings:
-        finished += self._stop_at_strings(stop_strings, decode)
-      yield from (_cut_at_string(f, stop_strings, decode) for f in finished)
+    try:
+      while pending or self.active:
+        while pending and self.free >= min(refill, len(pending)):
+          batch = pending.take(min(batch_size, self.free))
+          if batch:
+            done = self._prefill_and_submit(batch, layout, grid, buckets, list(prefix), shared)
+            del batch  # Its images go now, not when the next batch is taken.
+            yield from done
+        finished = self.step(refill_at=refill if pending else 0, shrink=not pending)
+        if stop_strings:
+          finished += self._stop_at_strings(stop_strings, decode)
+        yield from (_cut_at_string(f, stop_strings, decode) for f in finished)
+    finally:
+      pending.close()
 
   def _prefix_cache(self, prefix: list[int]) -> KVCache:
     """The one-row cache of a text prefix."""
@@ -314,21 +332,12 @@ class _nothing:
     return False
 
 
-def _take_batch(pending: collections.deque, n: int) -> list[Request]:
-  """Up to `n` requests from the front, all with an image or all without (the first's kind)."""
-  kind = pending[0].pixels is None
-  out, kept = [], collections.deque()
-  while pending and len(out) < n:
-    r = pending.popleft()
-    (out if (r.pixels is None) == kind else kept).append(r)
-  pending.extendleft(reversed(kept))
-  return out
-
-
 def _cut_at_string(f: Finished, stop_strings, decode) -> Finished:
-  """`f` with its tokens cut after the first stop string (the fewest tokens whose text has it)."""
+  """`f` with its tokens cut after the first stop string (the fewest tokens whose text has it);
+  not capped then, as a row the host stopped (`cancel`) is not: it ended at its stop string even
+  when a decode chunk ran it on to the token limit."""
   if not stop_strings or not any(s in decode(f.tokens) for s in stop_strings):
     return f
   n = next(n for n in range(1, len(f.tokens) + 1)
            if any(s in decode(f.tokens[:n]) for s in stop_strings))
-  return dataclasses.replace(f, tokens=f.tokens[:n])
+  return dataclasses.replace(f, tokens=f.tokens[:n], capped=False)

@@ -44,7 +44,7 @@ import logging
 import os
 import time
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -185,10 +185,8 @@ def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> 
     by_template[_template_name(config.templates_for, it)].append(it)
   for name, group in by_template.items():
     template = Template(**config.templates[name])
-    requests, prefix = _requests(config, teacher, template, group, skipped, progress, cuts,
-                                 attempt)
-    if not requests:
-      continue
+    prefix = _shared_prefix(teacher, template)
+    requests = _requests(config, teacher, template, group, skipped, progress, cuts, attempt)
     engine = Engine(teacher.model, capacity=g.slots, max_new_tokens=g.max_new_tokens,
                     cache_len=len(prefix) + max(g.prompt_buckets) + g.max_new_tokens,
                     stop_ids=stops, sampling=Sampling(g.temperature, g.top_k, g.top_p),
@@ -196,7 +194,9 @@ def generate(config, teacher: Teacher, items: list[TeachItem], out_dir: str) -> 
                     one_device_rows=max(1, g.batch_size // teacher.mesh.size))
     for f in engine.run(requests, grid=teacher.grid, buckets=g.prompt_buckets,
                         batch_size=g.batch_size, stop_strings=stop_strings,
-                        decode=teacher.tok.decode, prefix=prefix):
+                        decode=teacher.tok.decode, prefix=prefix,
+                        prefetch=g.prefetch_batches * g.batch_size, workers=g.decode_workers,
+                        on_error=lambda r, e: _skip(config, skipped, r.tag, e, progress)):
       it = f.tag
       text = teacher.tok.decode([t for t in f.tokens if t not in stops])
       shard.write([_with_cut({"qid": it.qid, "task_id": it.task_id, "route": "reason",
@@ -247,43 +247,55 @@ def _template_name(templates_for, it: TeachItem) -> str:
   raise KeyError(f"{it.where}: no template for {it.task_key} (config templates_for)")
 
 
+def _shared_prefix(teacher: Teacher, template: Template) -> list[int]:
+  """The ids every prompt of a template starts with (its system turn and head), prefilled once;
+  none for a TRACE teacher."""
+  if teacher.output_format != "tagged":
+    return []
+  ids, shared = chat_ids(teacher.tok, template.head, 0, "")
+  return ids[:shared]
+
+
 def _requests(config, teacher: Teacher, template: Template, group: list[TeachItem],
               skipped: shards.Shard, progress: Progress, cuts: dict[str, dict],
-              attempt: dict[str, int]) -> tuple[list[Request], list[int]]:
-  """Engine requests of the group (bad ones skipped or raised; prompt cuts in `cuts`), each
-  seeded for its query's attempt, and their shared prefix."""
-  out, prefix = [], []
+              attempt: dict[str, int]) -> Iterator[Request]:
+  """Engine requests of the group, built as the engine reads them, each seeded for its query's
+  attempt: a prompt that does not fit even after the prompt budget's cuts (recorded in `cuts`) is
+  skipped or raised here; an image is decoded by the engine's workers when the request is about
+  to be admitted (`_pixels`: a missing or unreadable one reaches `_skip` then)."""
   for it in group:
     try:
-      ids, shared, pixels = _prompt(teacher, template, it, config.generate.prompt_buckets,
-                                    answer="", cuts=cuts)
+      ids, _, image = _prompt(teacher, template, it, config.generate.prompt_buckets, answer="",
+                              cuts=cuts)
     except BadItem as e:
       _skip(config, skipped, it, e, progress)
       continue
-    if teacher.output_format == "tagged":
-      prefix = ids[:shared]
-    out.append(Request(ids, pixels, seed_of(it.qid, config.seed + attempt[it.qid]), it))
-  return out, prefix
+    pixels = None if image is None else functools.partial(_pixels, teacher, image)
+    yield Request(ids, pixels, seed_of(it.qid, config.seed + attempt[it.qid]), it)
+
+
+def _pixels(teacher: Teacher, image: str) -> np.ndarray:
+  """The [P, C] pixels of an image (relative to the root) at the teacher's grid; BadItem when it
+  is missing or unreadable."""
+  path = os.path.join(teacher.root, image)
+  if not os.path.isfile(path):
+    raise BadItem(f"image not found: {path}")
+  try:
+    return image_lib.resize_to_grid(path, teacher.grid[1:])[0]
+  except ValueError as e:
+    raise BadItem(str(e)) from e
 
 
 def _prompt(teacher: Teacher, template: Template, it: TeachItem, buckets, answer: str,
             prefixed: bool = True, cuts: dict[str, dict] | None = None):
-  """(prompt ids, shared prefix length, pixels or None) of a query; BadItem when its image is
-  missing or unreadable or the prompt (after the shared prefix when `prefixed`) does not fit the
-  largest bucket even with its cuttable fields emptied (`_fit_ids`; cuts go to `cuts[qid]`)."""
+  """(prompt ids, shared prefix length, the image's path under the root or None) of a query
+  (the image is not read here: `_pixels`); BadItem when the prompt (after the shared prefix when
+  `prefixed`) does not fit the largest bucket even with its cuttable fields emptied (`_fit_ids`;
+  cuts go to `cuts[qid]`)."""
   image = template.image_of(it) if teacher.output_format == "tagged" else it.query_image
-  pixels = None
-  if image is not None:
-    path = os.path.join(teacher.root, image)
-    if not os.path.isfile(path):
-      raise BadItem(f"image not found: {path}")
-    try:
-      pixels = image_lib.resize_to_grid(path, teacher.grid[1:])[0]
-    except ValueError as e:
-      raise BadItem(str(e)) from e
   n_img = teacher.image_tokens if image is not None else 0
   ids, shared = _fit_ids(teacher, template, it, n_img, answer, max(buckets), prefixed, cuts)
-  return ids, shared, pixels
+  return ids, shared, image
 
 
 def _fit_ids(teacher: Teacher, template: Template, it: TeachItem, n_img: int, answer: str,
@@ -384,10 +396,11 @@ def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], templat
     group = [it for it in items if (template.image_of(it) is not None) == kind]
     for start in range(0, len(group), size):
       batch, seqs, images = [], [], []
-      for it in group[start:start + size]:
+      for it in group[start:start + size]:  # This batch's images only are decoded.
         try:
-          ids, _, pixels = _prompt(chat, template, it, buckets, answer(it), prefixed=False,
-                                   cuts=cuts)
+          ids, _, image = _prompt(chat, template, it, buckets, answer(it), prefixed=False,
+                                  cuts=cuts)
+          pixels = None if image is None else _pixels(chat, image)
         except BadItem as e:
           if skipped is None:
             raise BadItem(f"{it.where} (query {it.qid}): {e}") from e
@@ -404,6 +417,7 @@ def _yes_probabilities(config, teacher: Teacher, items: list[TeachItem], templat
         _, logits, _ = prefill(*teacher.split, *batching.on_devices(packed, teacher.mesh),
                                None if packed.pixels is None else layout,
                                jnp.asarray(packed.lengths - 1))
+      del packed, images  # Not held while the caller writes and the next batch decodes.
       probs = np.asarray(jax.nn.softmax(logits, axis=-1))[:len(batch)]
       p_yes, p_no = probs[:, yes].sum(1), probs[:, no].sum(1)
       progress.add(len(batch))
