@@ -87,8 +87,9 @@ def read_dids(path: str) -> np.ndarray:
     if len(block) == _DID_BLOCK:
       blocks.append(np.asarray(block, np.bytes_))
       block = []
-  blocks.append(np.asarray(block or [b""], np.bytes_)[:len(block)])
-  dids = np.concatenate(blocks)
+  if block:
+    blocks.append(np.asarray(block, np.bytes_))
+  dids = np.concatenate(blocks) if blocks else np.zeros(0, np.bytes_)
   order = np.argsort(dids, kind="stable")
   same = np.flatnonzero(dids[order[1:]] == dids[order[:-1]])
   if len(same):

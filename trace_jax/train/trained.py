@@ -135,7 +135,7 @@ def _make_fn(config, model_cfg: ModelConfig, tok):
 def _targets(tree, mesh, dtype: str):
   """ShapeDtypeStructs of an abstract state tree with their shardings on `mesh`: floating
   weights in `dtype`, LoRA adapters in float32 (folded before rounding), the rest as saved."""
-  def one(path, v):
+  def one(v):
     x = v.get_value()
     spec = sharding.logical_to_spec(sharding.variable_axes(v), x.shape, mesh)
     want = x.dtype
@@ -143,7 +143,7 @@ def _targets(tree, mesh, dtype: str):
       want = jnp.float32 if isinstance(v, nnx.LoRAParam) else jnp.dtype(dtype)
     return v.replace(jax.ShapeDtypeStruct(x.shape, want,
                                           sharding=jax.sharding.NamedSharding(mesh, spec)))
-  return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _load_via_training_setup(config, workdir: str, mesh, dtype: str):
