@@ -47,8 +47,8 @@ def main(argv):
   class BlankImages(Encoder):
     """The encoder as it was: every batch carries pixels, blank for rows without an image."""
 
-    def _pack(self, seqs, items, grow=False):
-      packed = super()._pack(seqs, items, grow)
+    def _pack(self, seqs, items, grow=False, images=None):
+      packed = super()._pack(seqs, items, grow, images)
       if packed.pixels is not None:
         return packed
       blank = np.zeros((packed.ids.shape[0], self.patches, self.model.cfg.vision.patch_dim),

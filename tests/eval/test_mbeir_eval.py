@@ -1,6 +1,8 @@
 """`python -m trace_jax.eval` end to end on a briefly trained demo model: what it writes, the
 union pool encoded once, a root holding only some tasks, seeded random instructions, two
-processes giving one process's recalls; and its QPS timing."""
+processes giving one process's recalls; the model restored without its optimizer state, pool
+embeddings renewed when the checkpoint is retrained, a stopped pool encoding resumed; and its
+QPS timing."""
 
 import json
 import os
@@ -9,13 +11,18 @@ import socket
 import subprocess
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configs import demo
-from trace_jax.eval import mbeir_eval
-from trace_jax.train import loop
+from trace_jax.data import mbeir
+from trace_jax.data import setup as data_setup
+from trace_jax.eval import mbeir_eval, pools
+from trace_jax.train import loop, trained as trained_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("synthetic_task0", "synthetic_task7")
@@ -114,6 +121,110 @@ def test_random_instructions_are_seeded_per_task(trained):
   assert drawn != [it.text for it in mbeir_eval.query_items(task, root, "random", seed=4)[1]]
   with pytest.raises(ValueError, match="instruction_mode"):
     mbeir_eval.query_items(task, root, "sometimes")
+
+
+def _resave(config, src: str, dst: str, scale: float) -> None:
+  """Saves the newest checkpoint of run `src` again as run `dst`'s, at the same step, in place
+  of any there: its trainable weights times `scale` and, for optimizer state, a leaf no
+  optimizer has (a training setup could not restore it)."""
+  tok = data_setup.make_tokenizer(config.data)
+  mesh = mbeir_eval.eval_mesh(config)
+  cfg = trained_lib.model_config(config, src, tok)
+  _, weights, step = trained_lib.restore_weights(config, src, mesh, cfg, tok)
+  weights["params"]["model"] = jax.tree.map(lambda x: x * scale, weights["params"]["model"])
+  shutil.rmtree(os.path.join(dst, "checkpoints", str(step)), ignore_errors=True)
+  # Host arrays, saved synchronously: saving device arrays compiles a program per array.
+  mngr = ocp.CheckpointManager(
+    os.path.join(dst, "checkpoints"), item_names=("state", "data"),
+    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(
+    dict(weights, step=np.int32(step), opt_state={"junk": np.zeros(3, np.float32)})))))
+  mngr.close()
+
+
+def _weights(model) -> dict:
+  return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def test_load_model_reads_weights_only(trained, tmp_path):
+  """The optimizer state is never read (a checkpoint whose optimizer state no optimizer could
+  have loads, with the same weights), and `eval.param_dtype` picks the weights' dtype."""
+  config, workdir = trained
+  expected = _weights(mbeir_eval.load_model(config, workdir)[0])
+  _resave(config, workdir, str(tmp_path), scale=1.0)
+  got = _weights(mbeir_eval.load_model(config, str(tmp_path))[0])
+  assert got.keys() == expected.keys()
+  for name, value in got.items():
+    assert value.dtype == expected[name].dtype, name
+    np.testing.assert_array_equal(value, expected[name], err_msg=str(name))
+  config = config.copy_and_resolve_references()
+  config.eval.param_dtype = "bfloat16"
+  halved = _weights(mbeir_eval.load_model(config, workdir)[0])
+  for name, value in halved.items():
+    if np.issubdtype(expected[name].dtype, np.floating):
+      assert value.dtype == ml_dtypes.bfloat16, name  # Rounded once, adapters folded first:
+      np.testing.assert_allclose(value.astype(np.float32), expected[name],  # within bf16's
+                                 rtol=2**-8, atol=1e-30, err_msg=str(name))  # half-ulp.
+
+
+def test_retrained_checkpoint_is_encoded_again(trained, tmp_path):
+  """Pool embeddings are keyed by the checkpoint's files, not its step alone: other weights
+  saved at the same step in the same workdir are encoded anew."""
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.tasks, config.eval.qps_queries = TASKS[:1], 0
+  run = str(tmp_path / "run")
+  shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(run, "checkpoints"))
+  pool_dir = os.path.join(run, "eval", "pools")
+
+  def embeddings() -> dict:
+    return {n: np.load(os.path.join(pool_dir, n)) for n in os.listdir(pool_dir)
+            if n.endswith(".npy")}
+
+  mbeir_eval.evaluate(config, run)
+  before = embeddings()
+  mbeir_eval.evaluate(config, run)
+  assert embeddings().keys() == before.keys()  # The same checkpoint: reused.
+  _resave(config, run, run, scale=2.0)
+  mbeir_eval.evaluate(config, run)
+  new = {n: e for n, e in embeddings().items() if n not in before}
+  assert len(new) == len(before) == 1
+  assert not np.allclose(next(iter(new.values())), next(iter(before.values())), atol=1e-3)
+
+
+def test_stopped_pool_encoding_resumes_to_the_same_bytes(trained, tmp_path):
+  """A pool encoding stopped after some chunks resumes at the first incomplete one (the
+  complete ones are not encoded again) and writes the bytes of an encoding never stopped."""
+  config, workdir = trained
+  model, tok, _, mesh = mbeir_eval.load_model(config, workdir)
+  encoder = mbeir_eval.make_encoder(config, model, tok, config.data.root, mesh)
+  path = os.path.join(config.data.root, mbeir.UNION_TEST_POOL_FILE)
+  n = len(pools.read_dids(path))
+  chunk = 8
+  assert n > 3 * chunk
+  whole = pools.encode_pool(path, encoder, str(tmp_path / "whole"), "bfloat16", "t", chunk)
+
+  calls, stop = [], [True]
+  real = encoder.encode_candidates
+
+  def stops_at_the_third(items, out):
+    calls.append(len(items))
+    if stop[0] and len(calls) == 3:
+      raise RuntimeError("stopped")
+    return real(items, out=out)
+
+  encoder.encode_candidates = stops_at_the_third
+  with pytest.raises(RuntimeError, match="stopped"):
+    pools.encode_pool(path, encoder, str(tmp_path / "resumed"), "bfloat16", "t", chunk)
+  calls.clear()
+  stop[0] = False
+  resumed = pools.encode_pool(path, encoder, str(tmp_path / "resumed"), "bfloat16", "t", chunk)
+  assert sum(calls) == n - 2 * chunk and calls[0] == chunk  # Chunks 3.. only.
+  names = [os.path.basename(p.path) for p in (whole.embeddings, resumed.embeddings)]
+  with open(whole.embeddings.path, "rb") as a, open(resumed.embeddings.path, "rb") as b:
+    assert names[0] == names[1] and a.read() == b.read()
+  assert resumed.truncated == whole.truncated
+  assert sorted(os.listdir(tmp_path / "resumed")) == sorted(os.listdir(tmp_path / "whole"))
 
 
 def _free_port() -> int:

@@ -225,6 +225,8 @@ def test_errors_name_the_item(setup, tmp_path):
                    prompt_buckets=(bucket,), compact_prompts=True)
   with pytest.raises(FileNotFoundError, match=r"9:5: image not found: .*missing\.jpg"):
     encoder(256).encode_queries([Item("Find it.", "missing.jpg", "9:5")])
+  with pytest.raises(FileNotFoundError, match=r"9:7: image not found"):  # Decoded by a worker.
+    encoder(256).encode_candidates([Item("a", None, "9:1"), Item("b", "missing.jpg", "9:7")])
   with pytest.raises(ValueError, match=r"9:6: .* without any of its text.*eval\.prompt_buckets"):
     encoder(16).encode_queries([Item("Find it.", None, "9:6")], "direct")
 

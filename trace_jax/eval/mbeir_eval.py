@@ -4,10 +4,12 @@ encoder: Recall@k per task by UniIR's rules, reasoning rate per task, queries/s 
 Every task's files are checked before anything is encoded: with `eval.tasks` set, a missing file
 is an error listing all of them; without, the tasks whose files are all present are evaluated
 and the missing ones named (in the log and in results.json). Each pool is encoded once (the
-union pool once for all tasks) into files on disk (`pools.py`), and queries are scored against
-it block by block. With several processes (`--num_processes`, as `trace_jax.main`), each encodes
-its share of every pool and of every task's queries on its own devices, and the recalls are
-those of one process (`distributed.py`). Queries take their instruction as `eval.
+union pool once for all tasks) into files on disk, streamed and resumable (`pools.py`), keyed by
+a fingerprint of the checkpoint; the model's weights alone are restored (`train/trained.py`),
+in `eval.param_dtype`. Queries are scored against the pool block by block. With several
+processes (`--num_processes`, as `trace_jax.main`), each encodes its share of every pool and of
+every task's queries on its own devices, and the recalls are those of one process
+(`distributed.py`). Queries take their instruction as `eval.
 instruction_mode` says: `first` (deterministic) or `random` (UniIR's draw, seeded per task by
 `eval.instruction_seed`); the report names the mode.
 
@@ -37,7 +39,7 @@ from trace_jax.data import setup as data_setup
 from trace_jax.eval import distributed, metrics, pools
 from trace_jax.infer.encode import MODES, Encoder, Item
 from trace_jax.infer.retrieval import top_k
-from trace_jax.train import trained
+from trace_jax.train import checkpoint, trained
 
 K_LIST = (1, 5, 10)
 INSTRUCTION_MODES = ("first", "random")
@@ -119,15 +121,19 @@ def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
                  eor_id=data_setup.marker_id(config.data, tok),
                  cand_reasoning=config.data.cand_target != "none",
                  query_text_tokens=config.eval.query_text_tokens,
-                 cand_text_tokens=config.data.cand_text_tokens)
+                 cand_text_tokens=config.data.cand_text_tokens,
+                 image_workers=config.eval.image_workers)
 
 
-def encoder_tag(config, step: int) -> str:
-  """Names what candidate embeddings depend on: the checkpoint step and the encoder settings."""
+def encoder_tag(config, step: int, weights: str = "") -> str:
+  """Names what candidate embeddings depend on: the checkpoint (its step and `weights`, the
+  fingerprint of its saved files: `checkpoint.fingerprint`), the restored dtype and the encoder
+  settings."""
   fields = (config.data.image_grid, config.data.compact_prompts, config.data.cand_target,
             config.data.cand_text_tokens, config.loss.readout, config.eval.prompt_buckets,
-            config.eval.max_new_tokens)
-  return f"step{step}-{hashlib.sha1(repr(fields).encode()).hexdigest()[:8]}"
+            config.eval.max_new_tokens, config.eval.get("param_dtype", "float32"))
+  settings = hashlib.sha1(repr(fields).encode()).hexdigest()[:8]
+  return f"step{step}-{weights[:12]}-{settings}" if weights else f"step{step}-{settings}"
 
 
 def mode_times(encoder: Encoder, items, rounds: int) -> dict[str, list[float]]:
@@ -177,6 +183,7 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   for name, files in missing.items():
     _log.warning("task %s not evaluated: %s missing under %s", name, ", ".join(files), root)
   model, tok, step, mesh = load_model(config, workdir)
+  tag = encoder_tag(config, step, checkpoint.fingerprint(workdir, step))
   encoder = make_encoder(config, model, tok, root, mesh)
   out_dir = os.path.join(workdir, "eval")
   lead = jax.process_index() == 0
@@ -187,7 +194,7 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
     path = os.path.join(root, mbeir.UNION_TEST_POOL_FILE if ev.pool == "global" else task.pool_file)
     if path not in encoded:  # Each pool once (the union pool once for every task).
       encoded[path] = pools.encode_pool(path, encoder, os.path.join(out_dir, "pools"),
-                                        ev.embedding_dtype, encoder_tag(config, step))
+                                        ev.embedding_dtype, tag, ev.pool_chunk)
     return encoded[path]
 
   results, qps = {}, {m: [] for m in MODES}
@@ -241,7 +248,7 @@ def _retrieve(encoder: Encoder, items: list[Item], pool: pools.PoolShard, mode: 
   k = max(K_LIST)
   scores, local = top_k(queries, pool.embeddings, k, mesh=mesh)
   scores, index = distributed.merge_top_k(scores, pool.rows[local], k, len(pool.dids))
-  ranked = [[pool.dids[i] for i in row] for row in index]
+  ranked = [[pool.did(i) for i in row] for row in index]
   gathered = {"embeddings": queries, "texts": distributed.gather_strings(enc.texts, n)}
   for name in ("reasoned", "capped", "truncated"):
     gathered[name] = distributed.gather_rows(getattr(enc, name), n)

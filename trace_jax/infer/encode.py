@@ -17,7 +17,9 @@ first; `always_reason` forbids it as the first token.
 Prompts are cut where tokens are made (`data/prompts.py`): a text longer than the encoder's
 `query_text_tokens` / `cand_text_tokens`, or one that does not fit the largest prompt bucket, loses
 its tail (instruction, image tokens and rule stay whole); `Encoded.truncated` says by how many
-tokens. Items without an image are batched apart from those with one and run no vision tower. A
+tokens. Items without an image are batched apart from those with one and run no vision tower.
+Candidates are tokenised batch by batch, and `image_workers` threads decode the next batch's
+images while the current one runs (so a pool is streamed through in chunks, `eval/pools.py`). A
 reasoning row that writes `max_new_tokens` without reaching `<|emb|>` is read at its last token,
 a position never trained as a readout: `Encoded.capped` marks it. Errors name the item's `id`.
 
@@ -32,9 +34,11 @@ queries. Retrieval itself is in `retrieval.py`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
+from concurrent import futures
 from typing import Sequence
 
 import jax
@@ -80,13 +84,14 @@ class Encoder:
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
                mesh: jax.sharding.Mesh | None = None, readout: str = "pre_token",
                eor_id: int = -1, cand_reasoning: bool = False, query_text_tokens: int = 0,
-               cand_text_tokens: int = 0):
+               cand_text_tokens: int = 0, image_workers: int = 4):
     """The encoder keeps the model's weights as they are now (split once; build a new encoder
     after changing them). `mesh`: the model's mesh; each batch's rows are then split over its
     batch axes (the `act_batch` rule), so every device embeds its share instead of all repeating
     the batch. `readout`, `eor_id`: as the model was trained (`loss.readout`, the marker's id);
     `cand_reasoning`: candidates were trained to write text first (`data.cand_target`);
-    `query_text_tokens`, `cand_text_tokens`: cut longer texts (0: only to fit the buckets)."""
+    `query_text_tokens`, `cand_text_tokens`: cut longer texts (0: only to fit the buckets);
+    `image_workers`: threads decoding the next candidate batch's images (0: in this thread)."""
     if readout not in READOUTS:
       raise ValueError(f"readout={readout!r}; expected one of {READOUTS}")
     if readout == "end_of_reasoning" and eor_id < 0:
@@ -100,7 +105,8 @@ class Encoder:
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
     self.text_tokens = {False: query_text_tokens, True: cand_text_tokens}
-    self.decode_chunk = decode_chunk
+    self.decode_chunk, self.image_workers = decode_chunk, image_workers
+    self._image_pool = None
     self.layout = batching.image_layout(model.cfg, self.grid)
     self.patches = int(np.prod(self.grid))
     self.image_tokens = self.patches // model.cfg.vision.spatial_merge_size**2
@@ -142,10 +148,13 @@ class Encoder:
       raise ValueError(f"{it.id or 'item'}: {e} (eval.prompt_buckets)") from None
 
   def _pack(self, seqs: Sequence[Sequence[int]], items: Sequence[Item],
-            grow: bool = False) -> batching.Packed:
-    """A `batch_size` batch of the sequences and their items' images; `grow`: sequences longer
-    than every bucket (prompts with their generated text) take the next power of two."""
-    images = [self._pixels(it) if it.image else None for it in items]
+            grow: bool = False, images: Sequence[np.ndarray | None] | None = None
+            ) -> batching.Packed:
+    """A `batch_size` batch of the sequences and their items' images (decoded here unless
+    given); `grow`: sequences longer than every bucket (prompts with their generated text) take
+    the next power of two."""
+    if images is None:
+      images = [self._pixels(it) if it.image else None for it in items]
     return batching.pack(seqs, images, self.model.cfg, self.grid, self.batch_size, self.buckets,
                          grow)
 
@@ -176,15 +185,41 @@ class Encoder:
       return self._encode(items, "adaptive", candidate=True, out=out)
     n = len(items)
     out = _output(out, n, self.model.cfg.text.width)
-    encs = [self._prompt(it, True) for it in items]
-    for rows in self._batches(items):
-      seqs = [list(encs[i].ids[:encs[i].prompt_len]) for i in rows]
+    cut = np.zeros(n, np.int64)
+    for rows, images in self._with_images(items, self._batches(items)):
+      encs = [self._prompt(items[i], True) for i in rows]  # Tokenised as each batch comes.
+      cut[rows] = [e.text_cut for e in encs]
+      seqs = [list(e.ids[:e.prompt_len]) for e in encs]
       if self.readout == "emb":  # The other readouts read the last prompt token here.
         seqs = [s + [self.tok.emb_id] for s in seqs]
-      out[rows] = self._read(self._pack(seqs, [items[i] for i in rows]),
+      out[rows] = self._read(self._pack(seqs, [items[i] for i in rows], images=images),
                              [len(s) - 1 for s in seqs])
-    return Encoded(out, [""] * n, np.zeros(n, bool), np.zeros(n, bool),
-                   np.asarray([e.text_cut for e in encs], np.int64))
+    return Encoded(out, [""] * n, np.zeros(n, bool), np.zeros(n, bool), cut)
+
+  def _with_images(self, items: Sequence[Item], batches: Sequence[np.ndarray]):
+    """Yields (rows, their decoded images) per batch, in order; worker threads decode the next
+    batch's images while the caller runs this one (one batch ahead, so at most two batches of
+    pixels exist). A missing or bad image raises here, naming its item."""
+    if not self.image_workers:
+      for rows in batches:
+        yield rows, [self._pixels(items[i]) if items[i].image else None for i in rows]
+      return
+    if self._image_pool is None:  # One pool for the encoder's life (no thread churn).
+      self._image_pool = futures.ThreadPoolExecutor(self.image_workers, "encoder-images")
+    ahead = collections.deque()
+    try:
+      for rows in list(batches) + [None]:
+        if rows is not None:
+          ahead.append((rows, [self._image_pool.submit(self._pixels, items[i])
+                               if items[i].image else None for i in rows]))
+        if len(ahead) > 1 or (rows is None and ahead):
+          done, jobs = ahead.popleft()
+          yield done, [None if j is None else j.result() for j in jobs]
+    finally:  # Stopped early (an error): the batch decoded ahead is dropped.
+      for _, jobs in ahead:
+        for j in jobs:
+          if j is not None:
+            j.cancel()
 
   def encode_queries(self, items: Sequence[Item], mode: str = "adaptive",
                      out: np.ndarray | None = None) -> Encoded:

@@ -2,9 +2,10 @@
 
 Candidate embeddings are split into blocks of `block` rows; each block is spread over the devices
 of `mesh` (when given), scored against every query and reduced to its own top-k before merging,
-so at most queries x (block + k) scores exist at once. `candidates` may be a `np.memmap` (e.g.
-`np.load(path, mmap_mode="r")`): only one block is read from disk at a time, so pools larger than
-memory stream. The encoder lives in `encode.py`.
+so at most queries x (block + k) scores exist at once. `candidates` may be anything with a length
+whose row slices are arrays: a `np.memmap` (`np.load(path, mmap_mode="r")`) or a file read block
+by block (`eval/pools.py`'s `RowFile`, which keeps nothing resident): only one block is read from
+disk at a time, so pools larger than memory stream. The encoder lives in `encode.py`.
 """
 
 from __future__ import annotations

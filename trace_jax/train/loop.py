@@ -25,7 +25,7 @@ from trace_jax import sharding
 from trace_jax.data import pipeline
 from trace_jax.data import setup as data_setup
 from trace_jax.model import factory
-from trace_jax.train import checkpoint, setup
+from trace_jax.train import checkpoint, setup, trained
 from trace_jax.train import state as state_lib
 from trace_jax.train.metrics import MetricsWriter
 from trace_jax.train.step import make_train_step
@@ -68,6 +68,7 @@ def run(config, workdir: str) -> dict:
   """Trains `config.total_steps` steps; returns the last logged metrics."""
   with sharding.use_rules(config.sharding_rules or sharding.DEFAULT_RULES):
     s = build(config)
+    trained.save_model_config(workdir, s.model_cfg)  # Inference rebuilds the model from it.
     step_cfg = setup.step_config(config, s.tok)
     train_step = make_train_step(s.graphdef, step_cfg, s.tx, s.schedule, s.mesh,
                                  state_lib.shardings_of(s.state))
