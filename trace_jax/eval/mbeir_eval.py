@@ -119,13 +119,14 @@ def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
                  eor_id=data_setup.marker_id(config.data, tok),
                  cand_reasoning=config.data.cand_target != "none",
                  query_text_tokens=config.eval.query_text_tokens,
-                 cand_text_tokens=config.data.cand_text_tokens)
+                 cand_text_tokens=config.data.cand_text_tokens, cand_len=config.data.cand_len)
 
 
 def encoder_tag(config, step: int) -> str:
   """Names what candidate embeddings depend on: the checkpoint step and the encoder settings."""
   fields = (config.data.image_grid, config.data.compact_prompts, config.data.cand_target,
-            config.data.cand_text_tokens, config.loss.readout, config.eval.prompt_buckets,
+            config.data.cand_text_tokens, config.data.cand_len, config.loss.readout,
+            config.eval.prompt_buckets,
             config.eval.max_new_tokens)
   return f"step{step}-{hashlib.sha1(repr(fields).encode()).hexdigest()[:8]}"
 
