@@ -17,6 +17,8 @@ than over blank images): with `one_task_per_batch`, a batch whose task has no im
 (text queries of tasks 0-2, text candidates of tasks 1, 3, 6); in mixed batches, a side on which
 no task of the mixture has images. Either rule is the same in every process (tasks are drawn in
 lockstep across data shards), so all processes run the same program without agreeing first.
+A mixed batch's side that has pixels runs the tower on every row, blank pixels for the rows
+without an image (docs/benchmarks.md, "The vision tower in mixed training batches").
 
 Buckets: a batch is padded to the smallest of `data.query_buckets` (and `data.cand_buckets`) that
 holds its longest sequence, so the train step compiles at most len(query) x len(cand) programs;
