@@ -113,15 +113,21 @@ def base_config() -> ml_collections.ConfigDict:
   # Static bucket shapes: query tokens (instruction + prompt + image + reasoning + <|emb|>),
   # candidate tokens, and the (t, h, w) patch grid every image of a bucket is resized to.
   c.data.query_len = 512
-  c.data.cand_len = 192
+  # The longest candidate, in training and in evaluation (the candidate-length policy,
+  # docs/data.md): LamRA's 1024 text tokens + 64 image tokens + the full prompt's fixed parts
+  # (~40 Qwen tokens; at most 134 under any byte-level tokenizer: a token holds >= 1 byte).
+  c.data.cand_len = 1280
   c.data.image_grid = (1, 16, 16)
-  # Smaller padding buckets below query_len / cand_len (each adds one compiled step program).
+  # Smaller padding buckets below query_len / cand_len (each adds one compiled step program; a
+  # batch pads to the smallest that holds its longest row). Candidates: image + caption and
+  # short texts fit 128 or 256, snippets 512; only batches with a longer text pay for 1280.
   c.data.query_buckets = ()
-  c.data.cand_buckets = ()
+  c.data.cand_buckets = (128, 256, 512)
   # Truncation (LamRA's policy): the query text (instruction included) is cut to this many
   # tokens, the candidate text to `cand_text_tokens`, and both further so that the sequence fits
-  # the longest bucket; the instruction, image tokens, rule and target stay whole. Cuts are
+  # query_len / cand_len; the instruction, image tokens, rule and target stay whole. Cuts are
   # counted (`data/truncated_texts`) and logged with the example's id. 0 = no limit of its own.
+  # Evaluation cuts candidates by the same two limits (cand_text_tokens, cand_len).
   c.data.query_text_tokens = 480
   c.data.cand_text_tokens = 1024
   # An M-BEIR-format root (real M-BEIR, or the demo world generated there when asked).
@@ -224,7 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
   # candidates follow data.cand_text_tokens.
   c.eval.query_text_tokens = 0
   c.eval.batch_size = 32
-  c.eval.prompt_buckets = (64, 128, 256, 512)
+  # Padding buckets of the encoder's prompts (queries and candidates). The largest must hold a
+  # candidate of data.cand_len (its prompt: data.cand_len - 1 tokens, <|emb|> read after it).
+  c.eval.prompt_buckets = (64, 128, 256, 512, 1280)
   # Longest reasoning the encoder writes before it must emit <|emb|>; a row that reaches it is
   # read where it stopped and counted in results.json (`capped_rate`). Default: the longest
   # target the CoT filter admits (as loss.max_target_tokens).

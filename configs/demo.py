@@ -157,6 +157,7 @@ def _world_and_model(args):
   c.data.query_len = 80
   c.data.query_buckets = (48,)
   c.data.cand_len = 24
+  c.data.cand_buckets = ()  # (The real configs' sizes are all above 24.)
   c.data.world_train = 12000
   c.data.world_image_size = 56
   c.data.tokenizer_vocab = 768

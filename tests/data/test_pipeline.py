@@ -14,7 +14,8 @@ from trace_jax import sharding
 from trace_jax.data import mbeir, shards
 from trace_jax.data.examples import TrainExample
 from trace_jax.data.pipeline import (SKIP_REASONS, SKIPPED, Buckets, TooManyBadExamplesError,
-                                     group_by_task, make_dataset, to_global)
+                                     group_by_task, make_dataset, pad_to, to_global,
+                                     widths)
 from trace_jax.data.transforms import TRUNCATED
 from trace_jax.data.transforms import BadExampleError, Shapes, ToArrays
 from trace_jax.model import QwenVL
@@ -279,3 +280,19 @@ def test_bad_hard_negatives_are_bad_examples(tok):
   for i, what in ((0, "image not found"), (2, f"hard negative {examples[2].neg_id} has empty")):
     named = [r for r in reasons if r.startswith(f"fixture:{i} (query 10:{i}): ")]
     assert named and all(what in r for r in named), (i, reasons)
+
+
+def test_processes_agree_on_one_bucket(tok):
+  """Each process pads its rows to its own batch's bucket; `to_global` pads them to the widest
+  any process picked (one process: its own), as `pad_batch` pads."""
+  host = take(dataset(tok, batch_size=4), 1)[0]
+  own = widths(host)
+  assert own == {"query": host["query_ids"].shape[1], "cand": host["cand_ids"].shape[1]}
+  wider = pad_to(host, {"query": own["query"] + 5, "cand": own["cand"]})
+  assert wider["query_ids"].shape == (4, own["query"] + 5)
+  assert wider["query_positions"].shape == (3, 4, own["query"] + 5)
+  for key in ("query_ids", "query_mask", "query_target_mask", "query_positions"):
+    np.testing.assert_array_equal(wider[key][..., :own["query"]], host[key], err_msg=key)
+    assert not wider[key][..., own["query"]:].any(), key
+  for key in ("cand_ids", "query_pixels", "cand_key"):
+    assert wider[key] is host[key], key

@@ -34,10 +34,11 @@ def test_query_prompt_layout(tok):
 def test_text_cut_to_max_text_tokens_keeps_the_rest_whole(tok, side):
   text = long_text(300)
 
-  def encode(**kw):
+  def encode(max_text_tokens=0):
     if side == "query":
-      return prompts.encode_query(tok, text, 4, "a red circle", **kw)
-    return prompts.encode_candidate(tok, text, 4, **kw)
+      return prompts.encode_query(tok, text, 4, "a red circle", max_text_tokens=max_text_tokens)
+    return prompts.encode_candidate(tok, text, 4,
+                                    limits=prompts.CandidateLimits(text_tokens=max_text_tokens))
 
   whole, cut = encode(), encode(max_text_tokens=50)
   n_text = len(tok.encode(text))

@@ -157,7 +157,8 @@ def test_requests_decode_no_image_until_the_engine_asks(setup, tmp_path, monkeyp
                       lambda *a, **k: calls.append(a[0]) or resize(*a, **k))
   template = Template(**config.templates["describe_target"])
   reqs = phases._requests(config, teacher, template, items, shards.Shard(str(tmp_path), "skip"),
-                          phases.Progress("generate", len(items), 1e9))
+                          phases.Progress("generate", len(items), 1e9), cuts={},
+                          attempt={it.qid: 0 for it in items})
   built = list(reqs)
   assert [r.tag for r in built] == items and not calls
   lazy = [r for r in built if r.pixels is not None]

@@ -17,11 +17,16 @@ than over blank images): with `one_task_per_batch`, a batch whose task has no im
 (text queries of tasks 0-2, text candidates of tasks 1, 3, 6); in mixed batches, a side on which
 no task of the mixture has images. Either rule is the same in every process (tasks are drawn in
 lockstep across data shards), so all processes run the same program without agreeing first.
+A mixed batch's side that has pixels runs the tower on every row, blank pixels for the rows
+without an image (docs/benchmarks.md, "The vision tower in mixed training batches").
 
 Buckets: a batch is padded to the smallest of `data.query_buckets` (and `data.cand_buckets`) that
 holds its longest sequence, so the train step compiles at most len(query) x len(cand) programs;
-images are always resized to the one `data.image_grid`. The iterator's state (`get_state` /
-`set_state`, or Orbax via grain's checkpoint handler) restores the exact next batch.
+images are always resized to the one `data.image_grid`. Each process pads its own rows, so
+`to_global` first pads every process's rows to the widest bucket any of them picked (one small
+all-gather of the widths per step, with more than one process): a global array has one shape. The
+iterator's state (`get_state` / `set_state`, or Orbax via grain's checkpoint handler) restores the
+exact next batch.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
 from trace_jax.data import mbeir
-from trace_jax.data.batch import batch_shardings
+from trace_jax.data.batch import SIDES, batch_shardings
 from trace_jax.data.examples import TrainExample
 from trace_jax.data.transforms import BAD, TRUNCATED, ToArrays
 from trace_jax.model.positions import vision_layout
@@ -267,10 +273,33 @@ def _bucket_layout(vision_cfg, windowed: bool, image_grid: tuple[int, ...]):
   return vision_layout(np.asarray([image_grid]), vision_cfg, windowed=windowed)
 
 
+def widths(host_batch: dict[str, Any]) -> dict[str, int]:
+  """Each side's token width (its bucket) agreed by every process: the widest any picked."""
+  sides = [s for s in SIDES if f"{s}_ids" in host_batch]
+  mine = np.asarray([host_batch[f"{s}_ids"].shape[1] for s in sides], np.int32)
+  if jax.process_count() > 1:
+    mine = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(sides)).max(0)
+  return dict(zip(sides, mine.tolist()))
+
+
+def pad_to(host_batch: dict[str, Any], width: dict[str, int]) -> dict[str, Any]:
+  """The batch with each side's token fields (ids, masks, positions) padded to `width[side]`
+  as `pad_batch` pads them (id 0, mask 0, position 0)."""
+  out = dict(host_batch)
+  for side, t in width.items():
+    for field in ("ids", "mask", "target_mask", "positions"):
+      x = out.get(f"{side}_{field}")
+      if x is not None and x.shape[-1] < t:
+        out[f"{side}_{field}"] = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])])
+  return out
+
+
 def to_global(host_batch: dict[str, np.ndarray], mesh, model_cfg, image_grid) -> dict:
-  """This process's rows -> global `jax.Array`s sharded like the train step expects, plus the
-  (replicated) vision layout of the bucket's image grid for each side that has pixels."""
+  """This process's rows -> global `jax.Array`s sharded like the train step expects (each side
+  at the bucket every process agreed on, `widths`), plus the (replicated) vision layout of the
+  bucket's image grid for each side that has pixels."""
   layout = _bucket_layout(model_cfg.vision, model_cfg.family == "qwen2_5_vl", tuple(image_grid))
+  host_batch = pad_to(host_batch, widths(host_batch))
   batch = {k: v for k, v in host_batch.items() if k not in BOOKKEEPING + ("task_id",)}
   batch.update({f"{side}_layout": layout for side in ("query", "cand", "neg")
                 if f"{side}_pixels" in batch})

@@ -7,6 +7,11 @@ reasoning ablation, allows a description first). The rule text names the token
 in words so that the only `<|emb|>` in a sequence is the one the model writes. `encode_chat`
 is the plain turn a backbone learns from before TRACE (the demo's pretraining stage,
 `data.target="lm"`). This module does not read images or pad batches.
+
+The candidate-length policy is here too (`CandidateLimits`): training (`transforms.ToArrays`) and
+evaluation (`infer.encode.Encoder`) both encode a candidate with `encode_candidate` under the
+limits `candidate_limits(config.data)` gives, so a candidate is embedded from the same tokens in
+both (docs/data.md, "Candidate length").
 """
 
 from __future__ import annotations
@@ -40,6 +45,27 @@ class Encoded:
   target_mask: tuple[int, ...]
   prompt_len: int  # Tokens before the answer: what inference prefills.
   text_cut: int = 0  # Tokens cut from the end of the text to fit (0: the text is whole).
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateLimits:
+  """How long a candidate may be; one policy for training and evaluation.
+
+  Attributes:
+    text_tokens: the candidate text keeps at most its first this many tokens (LamRA's 1024,
+      `data.cand_text_tokens`; 0: no limit of its own).
+    max_len: the whole candidate sequence, from the chat template to `<|emb|>`, has at most this
+      many tokens (`data.cand_len`; 0: no limit); a longer text loses its tail to fit. Under
+      candidate-side reasoning the training target counts too (evaluation has none to count).
+  """
+
+  text_tokens: int = 0
+  max_len: int = 0
+
+
+def candidate_limits(data) -> CandidateLimits:
+  """The limits of a config's `data` section: what training and evaluation both cut to."""
+  return CandidateLimits(int(data.cand_text_tokens), int(data.cand_len))
 
 
 class PromptTooLongError(ValueError):
@@ -109,14 +135,24 @@ def encode_query(tok: Tokenizer, query_text: str, image_tokens: int,
 
 def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
                      compact: bool = False, *, may_reason: bool = False,
-                     reasoning: str | None = None, max_text_tokens: int = 0,
-                     max_len: int = 0) -> Encoded:
+                     reasoning: str | None = None,
+                     limits: CandidateLimits = CandidateLimits()) -> Encoded:
   """The candidate prompt followed by `<|emb|>`: candidates never reason (TRACE.md, "Model").
 
-  `may_reason` is the candidate-side reasoning ablation: the prompt allows a description first,
-  the target is `reasoning <|emb|>` (or `<|emb|>` alone) and is supervised like a query's. Without
-  it, nothing of a candidate is a target. `max_text_tokens`, `max_len`: as `encode_query` (the
-  reference policy cuts candidate text at 1024 tokens).
+  The one function that decides a candidate's tokens, in training and in evaluation: the chat
+  template, the image tokens, the text cut to `limits` (its tail goes; the image and the rule
+  stay whole), the rule, `<|emb|>`.
+
+  Args:
+    text: the candidate text (None or "": an image-only candidate).
+    image_tokens: number of `<|image_pad|>` tokens of its image, or 0.
+    compact: the one-line rule without a system turn (`data.compact_prompts`).
+    may_reason: the candidate-side reasoning ablation: the prompt allows a description first,
+      the target is `reasoning <|emb|>` (or `<|emb|>` alone) and is supervised like a query's.
+      Without it, nothing of a candidate is a target.
+    limits: the candidate-length policy (`candidate_limits(config.data)`).
+  Raises:
+    PromptTooLongError: the sequence is longer than `limits.max_len` even without the text.
   """
   if reasoning and not may_reason:
     raise ValueError("a candidate target needs may_reason=True")
@@ -126,7 +162,7 @@ def encode_candidate(tok: Tokenizer, text: str | None, image_tokens: int,
     rule = COMPACT_CANDIDATE_RULE if compact else CANDIDATE_RULE
   target = (tok.encode(reasoning) if reasoning else []) + [tok.emb_id]
   return _encode(tok, text or "", rule, image_tokens, compact, target, may_reason,
-                 max_text_tokens, max_len)
+                 limits.text_tokens, limits.max_len)
 
 
 def encode_chat(tok: Tokenizer, text: str, image_tokens: int, response: str,

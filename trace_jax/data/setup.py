@@ -120,9 +120,34 @@ def check_shards_targets(data) -> None:
 
 
 def bucket_sizes(data) -> Buckets:
-  """Padding buckets: `query_len` / `cand_len` and the smaller sizes listed with them."""
-  return Buckets(tuple(sorted({*data.query_buckets, data.query_len})),
-                 tuple(sorted({*data.cand_buckets, data.cand_len})))
+  """Padding buckets: `query_len` / `cand_len` and the smaller sizes listed with them.
+
+  Raises:
+    ValueError: a listed size is above its side's length: `cand_len` is the candidate-length
+      policy's limit (`prompts.candidate_limits`), the longest candidate in training and in
+      evaluation, so no bucket may exceed it.
+  """
+  out = []
+  for side in ("query", "cand"):
+    sizes, longest = tuple(getattr(data, f"{side}_buckets")), getattr(data, f"{side}_len")
+    if any(s > longest or s < 1 for s in sizes):
+      raise ValueError(f"data.{side}_buckets={sizes} must lie in [1, data.{side}_len={longest}] "
+                       f"(set data.{side}_buckets to the smaller sizes)")
+    out.append(tuple(sorted({*sizes, longest})))
+  return Buckets(*out)
+
+
+def make_transform(data, tok: Tokenizer, model_cfg: ModelConfig) -> ToArrays:
+  """The per-example transform of a config's `data` section: prompts, the query limits, and the
+  candidate-length policy (`prompts.candidate_limits(data)`, which evaluation applies too)."""
+  buckets = bucket_sizes(data)
+  shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
+  limits = prompts.candidate_limits(data)  # max_len is cand_len: no bucket lies above it.
+  return ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
+                  compact_prompts=data.compact_prompts,
+                  cand_may_reason=data.cand_target != "none",
+                  query_text_tokens=data.query_text_tokens, cand_text_tokens=limits.text_tokens,
+                  lm_only=data.target == LM_TARGET)
 
 
 def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
@@ -136,13 +161,7 @@ def train_dataset(config, tok: Tokenizer, model_cfg: ModelConfig):
     raise ValueError(f"data.data_shards={num_shards} is not a multiple of {n} processes")
   per_process = num_shards // n
   buckets = bucket_sizes(data)
-  shapes = Shapes(max(buckets.query), max(buckets.cand), tuple(data.image_grid))
-  to_arrays = ToArrays(tok, model_cfg, shapes, data.root, on_bad_example=data.on_bad_example,
-                       compact_prompts=data.compact_prompts,
-                       cand_may_reason=data.cand_target != "none",
-                       query_text_tokens=data.query_text_tokens,
-                       cand_text_tokens=data.cand_text_tokens,
-                       lm_only=data.target == LM_TARGET)
+  to_arrays = make_transform(data, tok, model_cfg)
   weights = {int(k): float(v) for k, v in (data.task_weights or {}).items()}
   if data.shards_dir:  # ArrayRecord shards with the images inline (tools/convert_examples).
     check_shards_targets(data)

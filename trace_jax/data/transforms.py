@@ -1,14 +1,16 @@
 """Per-example Grain transform: a `TrainExample` -> token ids, masks, M-RoPE positions, pixels.
 
 Images are resized to the bucket's fixed patch grid (every image of a bucket shares one grid, so
-batches have static shapes). Long texts are cut where tokens are made (`prompts.py`): the query
-text to `query_text_tokens` and the candidate text to `cand_text_tokens` (LamRA's 480 and 1024),
-and both further so that the sequence fits the longest bucket; the instruction, the image tokens,
-the rule and the target stay whole, and each cut is reported with the example's id. A hard negative
-(`negatives.py`) becomes a third side, `neg`, encoded as a candidate. A bad example
-(missing or unreadable image, a sequence too long even without its text, empty candidate) raises
-`BadExampleError` naming the example id, or with `on_bad_example="skip"` becomes a marker that
-the pipeline drops and counts. Padding and batching are in `pipeline.py`.
+batches have static shapes). Long texts are cut where tokens are made (`prompts.py`): the query text
+to `query_text_tokens` (LamRA's 480) and further so that the sequence fits the longest query bucket;
+a candidate by the candidate-length policy (`prompts.CandidateLimits`: its text to
+`cand_text_tokens`, LamRA's 1024, and the sequence to the longest candidate bucket,
+`data.cand_len`), the one the evaluation encoder applies too. The instruction, the image tokens, the
+rule and the target stay whole, and each cut is reported with the example's id. A hard negative
+(`negatives.py`) becomes a third side, `neg`, encoded as a candidate. A bad example (missing or
+unreadable image, a sequence too long even without its text, empty candidate) raises
+`BadExampleError` naming the example id, or with `on_bad_example="skip"` becomes a marker that the
+pipeline drops and counts. Padding and batching are in `pipeline.py`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class ToArrays(grain.transforms.Map):
     self.cand_may_reason = cand_may_reason  # Candidate-side reasoning: candidates get targets.
     # A backbone's LM-only pretraining (`data.target="lm"`): plain chat turns, no candidates.
     self.lm_only = lm_only
-    self.text_tokens = {"query": query_text_tokens, "cand": cand_text_tokens}  # 0: no limit.
+    self.query_text_tokens = query_text_tokens  # 0: no limit.
+    # Candidates (and hard negatives) follow the policy evaluation applies (`infer/encode.py`).
+    self.cand_limits = prompts.CandidateLimits(cand_text_tokens, shapes.max_cand_len)
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     record = dict(record)
@@ -100,11 +104,9 @@ class ToArrays(grain.transforms.Map):
             "positions": positions, "has_image": bool(n_img)}
 
   def _encode(self, ex: TrainExample, side: str, n_img: int) -> prompts.Encoded:
-    """The side's token ids, its text cut to `data.{side}_text_tokens` and to the bucket (a hard
-    negative's as a candidate's)."""
-    kind = "query" if side == "query" else "cand"
-    limits = dict(max_text_tokens=self.text_tokens[kind],
-                  max_len=getattr(self.shapes, f"max_{kind}_len"))
+    """The side's token ids: a query's text cut to `data.query_text_tokens` and to the bucket, a
+    candidate's (or a hard negative's) by the candidate-length policy."""
+    limits = dict(max_text_tokens=self.query_text_tokens, max_len=self.shapes.max_query_len)
     try:
       if self.lm_only:
         return prompts.encode_chat(self.tok, ex.query_text, n_img, ex.reasoning, self.compact,
@@ -117,7 +119,7 @@ class ToArrays(grain.transforms.Map):
                          else (ex.neg_text, None))
       return prompts.encode_candidate(self.tok, text, n_img, self.compact,
                                       may_reason=self.cand_may_reason, reasoning=reasoning,
-                                      **limits)
+                                      limits=self.cand_limits)
     except prompts.PromptTooLongError as e:
       field = "query_len" if side == "query" else "cand_len"
       raise ValueError(f"{side}: {e} (data.{field})") from None

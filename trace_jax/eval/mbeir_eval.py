@@ -121,7 +121,7 @@ def make_encoder(config, model, tok, root: str, mesh=None) -> Encoder:
                  eor_id=data_setup.marker_id(config.data, tok),
                  cand_reasoning=config.data.cand_target != "none",
                  query_text_tokens=config.eval.query_text_tokens,
-                 cand_text_tokens=config.data.cand_text_tokens,
+                 cand_text_tokens=config.data.cand_text_tokens, cand_len=config.data.cand_len,
                  image_workers=config.eval.image_workers)
 
 
@@ -130,8 +130,9 @@ def encoder_tag(config, step: int, weights: str = "") -> str:
   fingerprint of its saved files: `checkpoint.fingerprint`), the restored dtype and the encoder
   settings."""
   fields = (config.data.image_grid, config.data.compact_prompts, config.data.cand_target,
-            config.data.cand_text_tokens, config.loss.readout, config.eval.prompt_buckets,
-            config.eval.max_new_tokens, config.eval.get("param_dtype", "float32"))
+            config.data.cand_text_tokens, config.data.cand_len, config.loss.readout,
+            config.eval.prompt_buckets, config.eval.max_new_tokens,
+            config.eval.get("param_dtype", "float32"))
   settings = hashlib.sha1(repr(fields).encode()).hexdigest()[:8]
   return f"step{step}-{weights[:12]}-{settings}" if weights else f"step{step}-{settings}"
 

@@ -14,14 +14,17 @@ engine keeps its decode batch to the rows still reasoning, and on a mesh where e
 holds the whole model, runs small decode batches on one device. `direct` forces `<|emb|>`
 first; `always_reason` forbids it as the first token.
 
-Prompts are cut where tokens are made (`data/prompts.py`): a text longer than the encoder's
-`query_text_tokens` / `cand_text_tokens`, or one that does not fit the largest prompt bucket, loses
-its tail (instruction, image tokens and rule stay whole); `Encoded.truncated` says by how many
-tokens. Items without an image are batched apart from those with one and run no vision tower.
-Candidates are tokenised batch by batch, and `image_workers` threads decode the next batch's
-images while the current one runs (so a pool is streamed through in chunks, `eval/pools.py`). A
-reasoning row that writes `max_new_tokens` without reaching `<|emb|>` is read at its last token,
-a position never trained as a readout: `Encoded.capped` marks it. Errors name the item's `id`.
+Prompts are cut where tokens are made (`data/prompts.py`): a query text longer than the encoder's
+`query_text_tokens`, or one that does not fit the largest prompt bucket, loses its tail
+(instruction, image tokens and rule stay whole); a candidate is cut by the candidate-length policy
+training applies (`prompts.encode_candidate` under `cand_text_tokens` and `cand_len`, the config's
+`data.cand_text_tokens` and `data.cand_len`), so it is embedded from the tokens it was trained on.
+`Encoded.truncated` says by how many tokens. Items without an image are batched apart from those
+with one and run no vision tower. Candidates are tokenised batch by batch, and `image_workers`
+threads decode the next batch's images while the current one runs (so a pool is streamed through
+in chunks, `eval/pools.py`). A reasoning row that writes `max_new_tokens` without reaching
+`<|emb|>` is read at its last token, a position never trained as a readout: `Encoded.capped` marks
+it. Errors name the item's `id`.
 
 Readout: the pre-token (the paper's choice) comes from the passes above. The other readouts of
 `loss.readout` (`emb`, `end_of_reasoning`) need states the routing passes do not compute, so
@@ -84,13 +87,15 @@ class Encoder:
                max_new_tokens: int = 96, compact_prompts: bool = False, decode_chunk: int = 16,
                mesh: jax.sharding.Mesh | None = None, readout: str = "pre_token",
                eor_id: int = -1, cand_reasoning: bool = False, query_text_tokens: int = 0,
-               cand_text_tokens: int = 0, image_workers: int = 4):
+               cand_text_tokens: int = 0, cand_len: int = 0, image_workers: int = 4):
     """The encoder keeps the model's weights as they are now (split once; build a new encoder
     after changing them). `mesh`: the model's mesh; each batch's rows are then split over its
     batch axes (the `act_batch` rule), so every device embeds its share instead of all repeating
     the batch. `readout`, `eor_id`: as the model was trained (`loss.readout`, the marker's id);
     `cand_reasoning`: candidates were trained to write text first (`data.cand_target`);
     `query_text_tokens`, `cand_text_tokens`: cut longer texts (0: only to fit the buckets);
+    `cand_len`: the longest candidate sequence, `<|emb|>` included (`data.cand_len`, the
+    candidate-length policy training cuts by; 0: what the largest bucket holds);
     `image_workers`: threads decoding the next candidate batch's images (0: in this thread)."""
     if readout not in READOUTS:
       raise ValueError(f"readout={readout!r}; expected one of {READOUTS}")
@@ -104,7 +109,9 @@ class Encoder:
     self.grid = tuple(image_grid)
     self.batch_size, self.buckets = batch_size, tuple(sorted(prompt_buckets))
     self.max_new_tokens, self.compact = max_new_tokens, compact_prompts
-    self.text_tokens = {False: query_text_tokens, True: cand_text_tokens}
+    self.query_text_tokens = query_text_tokens
+    self.cand_limits = _candidate_limits(cand_text_tokens, cand_len, self.buckets[-1], readout,
+                                         cand_reasoning)
     self.decode_chunk, self.image_workers = decode_chunk, image_workers
     self._image_pool = None
     self.layout = batching.image_layout(model.cfg, self.grid)
@@ -134,16 +141,22 @@ class Encoder:
       raise ValueError(f"{it.id or 'item'}: {e}") from e
 
   def _prompt(self, it: Item, candidate: bool) -> prompts.Encoded:
-    """The item's prompt (its text cut to the encoder's limit and to fit the largest bucket; a
-    query's prefill excludes its target `<|emb|>`, hence the one token more)."""
+    """The item's prompt: a candidate's by the candidate-length policy, a query's text cut to
+    the encoder's limit and to fit the largest bucket (its prefill excludes its target
+    `<|emb|>`, hence the one token more)."""
     n_img = self.image_tokens if it.image else 0
-    limits = dict(max_text_tokens=self.text_tokens[candidate],
-                  max_len=self.buckets[-1] + (0 if candidate and self.readout == "emb" else 1))
     try:
       if candidate:
-        return prompts.encode_candidate(self.tok, it.text, n_img, self.compact,
-                                        may_reason=self.cand_reasoning, **limits)
-      return prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact, **limits)
+        enc = prompts.encode_candidate(self.tok, it.text, n_img, self.compact,
+                                       may_reason=self.cand_reasoning, limits=self.cand_limits)
+        if enc.prompt_len > self.buckets[-1]:  # Only under candidate-side reasoning.
+          raise prompts.PromptTooLongError(f"a prompt of {enc.prompt_len} tokens (data.cand_len="
+                                           f"{self.cand_limits.max_len}), more than the largest "
+                                           f"bucket {self.buckets[-1]}")
+        return enc
+      return prompts.encode_query(self.tok, it.text or "", n_img, None, self.compact,
+                                  max_text_tokens=self.query_text_tokens,
+                                  max_len=self.buckets[-1] + 1)
     except prompts.PromptTooLongError as e:
       raise ValueError(f"{it.id or 'item'}: {e} (eval.prompt_buckets)") from None
 
@@ -274,6 +287,20 @@ class Encoder:
     texts = [self.tok.decode(g) for g in generated]
     return Encoded(out, texts, np.asarray([len(g) > 0 for g in generated], bool), capped,
                    np.asarray([e.text_cut for e in encs], np.int64))
+
+
+def _candidate_limits(text_tokens: int, cand_len: int, largest: int, readout: str,
+                      cand_reasoning: bool) -> prompts.CandidateLimits:
+  """The candidate-length policy of an encoder whose largest prompt bucket is `largest`. The
+  sequence a candidate feeds is its prompt, with `<|emb|>` after it under the `emb` readout;
+  `cand_len` (0: what that bucket holds) must fit, unless candidates reason (`cand_len` then
+  bounds prompt + reasoning in training, and each prompt is checked)."""
+  holds = largest + (0 if readout == "emb" else 1)  # The longest sequence, <|emb|> included.
+  if cand_len > holds and not cand_reasoning:
+    raise ValueError(f"data.cand_len={cand_len}: the largest of eval.prompt_buckets ({largest}) "
+                     f"holds candidates of at most {holds} tokens; raise it so that candidates "
+                     "are embedded from the tokens they were trained on")
+  return prompts.CandidateLimits(text_tokens, cand_len or holds)
 
 
 def _output(out: np.ndarray | None, n: int, width: int) -> np.ndarray:
