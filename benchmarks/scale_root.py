@@ -105,10 +105,6 @@ _PER_DIR = 1000  # Image files per directory.
 _TRAIN_DID_OFFSET = 2_000_000
 MANIFEST = "scale_root.json"
 
-_SCALE = flags.DEFINE_float("scale", 0.001, "Fraction F of M-BEIR's real counts.")
-_OUT = flags.DEFINE_string("out", None, "Root directory to write.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every drawn length and word.")
-
 
 def scaled(n: int, scale: float) -> int:
   """The count at fraction `scale`: `round(n * scale)`, at least 1."""
@@ -354,11 +350,15 @@ def _bytes_under(root: str) -> int:
 
 def main(argv):
   del argv
-  manifest = write_root(_OUT.value, _SCALE.value, _SEED.value)
+  manifest = write_root(flags.FLAGS.out, flags.FLAGS.scale, flags.FLAGS.seed)
   keys = ("scale", "union_test_pool", "images", "bytes_written")
   print(json.dumps({k: manifest[k] for k in keys}))
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: benchmarks/scale.py imports this module and has its own flags.
+  flags.DEFINE_float("scale", 0.001, "Fraction F of M-BEIR's real counts.")
+  flags.DEFINE_string("out", None, "Root directory to write.")
+  flags.DEFINE_integer("seed", 0, "Seed of every drawn length and word.")
   flags.mark_flags_as_required(["out"])
   app.run(main)
