@@ -23,6 +23,8 @@ on the smallest root, which then acts as the teacher and is evaluated. The stage
   pool. items = queries scored + candidates encoded, over both runs. The task holding the root's
   missing query image (cirr_task7) is left out unless --eval_all_tasks: evaluation stops there
   with a named error (what a user gets), and no number would be measured.
+`--stage=profile` instead runs tracemalloc and cProfile over the parts that read whole files
+(the training examples, one process's share of the union pool) in this process.
 A stage that fails prints its line with "error" (the log's last lines) and no slope counts it.
 Timing only; the root writer has a test (tests/benchmarks/test_scale_root.py).
 """
@@ -42,7 +44,9 @@ from absl import app, flags
 
 from benchmarks import scale_root
 
-_STAGE = flags.DEFINE_enum("stage", None, ["teach", "train", "eval"], "Stage to run.")
+_STAGE = flags.DEFINE_enum("stage", None, ["teach", "train", "eval", "profile"],
+                           "Stage to run (profile: where the file-reading parts' memory and "
+                           "time go, in this process).")
 _SCALES = flags.DEFINE_list("scales", ["0.0005", "0.001", "0.003"], "Fractions F of M-BEIR.")
 _ROOT = flags.DEFINE_string("root", "runs/scale", "Folder of the roots, model and outputs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the roots.")
@@ -297,6 +301,45 @@ def stage_teach(base: str, scale: float, tokenizer: str, run: str) -> dict:
               skipped=report.get("skipped"), report=report)
 
 
+def profile_parts(base: str, scale: float) -> dict:
+  """In this process: tracemalloc and cProfile of the parts that read whole files, the training
+  examples (`load_split`) and the union pool's share (`read_share`, one process)."""
+  import cProfile
+  import pstats
+  import tracemalloc
+
+  from configs import scale as scale_config
+  from trace_jax.data import examples, mbeir
+  from trace_jax.eval import pools
+  root = root_at(base, scale)
+  config = scale_config.get_config(f"root={root}")
+
+  def split():
+    return examples.load_split(root, config.data.train_files, None, target="direct")
+
+  def share():
+    return pools.read_share(os.path.join(root, mbeir.UNION_TEST_POOL_FILE))
+
+  out = {}
+  for name, fn in (("load_split", split), ("read_share", share)):
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = fn()
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    n = len(result) if name == "load_split" else len(result[0])
+    out[name] = dict(items=n, s=round(time.perf_counter() - start, 2),
+                     held_mb=round(held / 2**20, 1), peak_mb=round(peak / 2**20, 1),
+                     held_bytes_per_item=round(held / n))
+    profile = cProfile.Profile()
+    profile.runcall(fn)
+    stats = pstats.Stats(profile).sort_stats("cumulative").stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][3])[:8]
+    out[name]["top_cumulative_s"] = {f"{os.path.basename(k[0])}:{k[2]}": round(v[3], 2)
+                                     for k, v in top}
+  return out
+
+
 STAGES = {"train": stage_train, "eval": stage_eval, "teach": stage_teach}
 
 
@@ -312,6 +355,10 @@ def main(argv):
   del argv
   base = os.path.abspath(_ROOT.value)
   scales = sorted(float(s) for s in _SCALES.value)
+  if _STAGE.value == "profile":
+    for scale in scales:
+      print(json.dumps(dict(stage="profile", scale=scale, **profile_parts(base, scale))))
+    return
   tokenizer, run = prepare_model(base)
   ok = []
   for scale in scales:
