@@ -3,10 +3,11 @@ CPU runs, trained from random weights on an M-BEIR-shaped root (`benchmarks/scal
 a byte-level BPE tokenizer carrying Qwen2's special tokens. Its recall is noise; it exists to run
 every stage over real-sized files. Not a model of any quality, and not the 7B recipe.
 
-Usage: --config=configs/scale.py:root=DIR,tokenizer=FILE,steps=N[,batch=B]. `root` is the scale
-root, `tokenizer` its `tokenizer.json`. Training reads the ten per-dataset training files with
-the union training pool, all examples direct (no M-BEIR-CoT file: the teacher's output would
-have to pass build_cot first, a separate stage), bad examples skipped and counted.
+Usage: --config=configs/scale.py:root=DIR,tokenizer=FILE,steps=N[,batch=B,seed=S,dtype=D].
+`root` is the scale root, `tokenizer` its `tokenizer.json`. Training reads the ten per-dataset
+training files with the union training pool, all examples direct (no M-BEIR-CoT file: the
+teacher's output would have to pass build_cot first, a separate stage), bad examples skipped and
+counted.
 """
 
 from configs import common
@@ -21,7 +22,7 @@ VOCAB = 1024
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg, {"root": "", "tokenizer": "", "steps": 10, "batch": 32,
-                                "seed": 0})
+                                "seed": 0, "dtype": "float32"})
   c = common.base_config()
   c.seed = c.data.seed = args["seed"]
   c.total_steps = args["steps"]
@@ -31,7 +32,7 @@ def get_config(arg: str = ""):
   c.max_replicated_fraction = 1.0
 
   c.model.family = "qwen2_5_vl"
-  c.model.dtype = "float32"
+  c.model.dtype = args["dtype"]
   c.model.remat = "full"
   c.model.text = common.text_model(vocab_size=VOCAB, width=64, mlp_dim=128, num_layers=2,
                                    num_heads=2, num_kv_heads=1, tie_embeddings=True,
