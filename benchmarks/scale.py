@@ -110,8 +110,9 @@ def run_measured(cmds: list[list[str]], env: dict, log_prefix: str) -> dict:
   """
   logs = [f"{log_prefix}.{i}.log" for i in range(len(cmds))]
   start = time.perf_counter()
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT) for cmd, log in zip(cmds, logs)]
+  files = [open(log, "w") for log in logs]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+           for cmd, f in zip(cmds, files)]
   peak, hwm = 0, {}
   while any(p.poll() is None for p in procs):
     for pid in _children({p.pid for p in procs if p.poll() is None}):
@@ -122,6 +123,8 @@ def run_measured(cmds: list[list[str]], env: dict, log_prefix: str) -> dict:
         p.kill()
       raise TimeoutError(f"{cmds[0][:4]} ran past {_TIMEOUT.value} s; logs {logs}")
     time.sleep(0.2)
+  for f in files:
+    f.close()
   return dict(wall_s=time.perf_counter() - start, peak_rss_mb=peak / 1024,
               returncodes=[p.returncode for p in procs], logs=logs)
 
