@@ -23,6 +23,7 @@ from trace_jax.data import mbeir
 from trace_jax.data import setup as data_setup
 from trace_jax.eval import mbeir_eval, pools
 from trace_jax.train import loop, trained as trained_lib
+from tests.fixtures import MBEIR_MINI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("synthetic_task0", "synthetic_task7")
@@ -303,3 +304,45 @@ def test_mode_times_alternates_modes_and_pairs_rounds(monkeypatch):
                    "always_reason": [5.0 * 6, 5.0 * 8, 5.0 * 10]}
   assert mbeir_eval.best_qps(times, 10) == {"adaptive": 10 / 8.0, "direct": 10 / 5.0,
                                             "always_reason": 10 / 30.0}
+
+
+def _mini_root(tmp_path, kind: str) -> str:
+  """mbeir_mini copied, with the CIRR task's second query (`query`) or third candidate (`cand`)
+  pointing at an image file that is not there."""
+  root = str(tmp_path / "mini")
+  shutil.copytree(MBEIR_MINI, root)
+  rel = {"query": mbeir.EVAL_TASKS_BY_NAME["cirr_task7"].query_file,
+         "cand": mbeir.EVAL_TASKS_BY_NAME["cirr_task7"].pool_file}[kind]
+  path = os.path.join(root, rel)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  row = 1 if kind == "query" else 2
+  record = json.loads(lines[row])
+  record["query_img_path" if kind == "query" else "img_path"] = "mbeir_images/gone.jpg"
+  lines[row] = json.dumps(record)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return root
+
+
+@pytest.mark.parametrize("kind, where", [
+  ("query", r"mbeir_cirr_task7_test\.jsonl:2: qid 8:57"),
+  ("cand", r"mbeir_cirr_task7_cand_pool\.jsonl:3: did 8:3")])
+def test_missing_image_stops_every_process_before_model_work(tmp_path, monkeypatch, kind, where):
+  """A missing image is found before the model is loaded, by every process over the whole file
+  (the second query is in process 1's share of 2, the third candidate in process 0's), so
+  every process raises the same error, naming file, line, id and path."""
+  root = _mini_root(tmp_path, kind)
+  config = demo.get_config("steps=2,backbone=none")
+  config.eval.tasks = ("cirr_task7",)
+
+  def no_model(*args):
+    raise AssertionError("model loaded before the inputs were checked")
+
+  monkeypatch.setattr(mbeir_eval, "load_model", no_model)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for p in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    with pytest.raises(FileNotFoundError,
+                       match=where + r": image not found: .*mbeir_images/gone\.jpg$"):
+      mbeir_eval.evaluate(config, str(tmp_path / "run"), root)

@@ -33,3 +33,15 @@ def test_duplicate_did_names_both_lines(tmp_path):
   with pytest.raises(mbeir.MBEIRFormatError, match=r"pool\.jsonl:5: duplicate did '9:2' "
                                                    r"\(first on line 2\)"):
     pools.read_dids(path)
+
+
+def test_missing_candidate_image_names_file_line_did_and_path(tmp_path):
+  (tmp_path / "here.jpg").write_bytes(b"")  # Existence is checked, not decoding.
+  path = tmp_path / "pool.jsonl"
+  lines = [json.dumps({"did": f"9:{i}", "txt": None, "img_path": name, "modality": "image"})
+           for i, name in enumerate(["here.jpg", "here.jpg", "gone.jpg"])]
+  path.write_text("\n".join(lines) + "\n")
+  assert len(pools.read_dids(str(path))) == 3  # Without an image root: dids only.
+  with pytest.raises(FileNotFoundError,
+                     match=rf"pool\.jsonl:3: did 9:2: image not found: {tmp_path}/gone\.jpg$"):
+    pools.read_dids(str(path), image_root=str(tmp_path))

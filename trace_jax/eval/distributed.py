@@ -8,13 +8,26 @@ The pieces meet in three small gathers per task: the query embeddings (every pro
 queries against its share of the pool), each process's top-k (merged into the global top-k,
 ties to the lower pool index as one process breaks them) and the per-query outputs for the
 report. With one process every function here is the identity.
+
+Failure inside encoding (an image that exists but does not decode, found only by the process
+whose share holds it) is agreed on, not left to hang the others in their next gather: every
+encoding step runs under `agree`, after which every process learns whether any failed. The
+failing process raises its own error (naming the item); the others raise one naming that
+process and its message, once they finish the same step (their completed pool chunks are kept
+and reused by a rerun, `pools.py`).
 """
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+
+_T = TypeVar("_T")
+_MESSAGE_BYTES = 4096  # A failure's message, as sent to the other processes (cut to this).
 
 
 def process_count() -> int:
@@ -83,3 +96,34 @@ def barrier(name: str) -> None:
   """Waits until every process gets here (no-op with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def agree(step: str, fn: Callable[[], _T]) -> _T:
+  """Runs `fn` (a step every process runs, each on its share), then tells every process whether
+  any failed (one allgather of a fixed-size message buffer).
+
+  Returns:
+    `fn()`'s value, when no process failed.
+  Raises:
+    The exception `fn` raised, in the process where it did.
+    RuntimeError: `"{step}: process {p} failed: {its error}"` in the others.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  try:
+    result, error = fn(), None
+  except Exception as e:  # Re-raised below, after the others are told.
+    result, error = None, e
+  text = f"{type(error).__name__}: {error}".encode("utf-8")[:_MESSAGE_BYTES] if error else b""
+  buf = np.zeros(_MESSAGE_BYTES + 8, np.uint8)  # The length, then the message.
+  buf[:8] = np.frombuffer(np.int64(len(text)).tobytes(), np.uint8)
+  buf[8:8 + len(text)] = np.frombuffer(text, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(buf))  # [P, 8 + _MESSAGE_BYTES]
+  if error is not None:
+    raise error
+  for p, row in enumerate(every):
+    size = int(row[:8].view(np.int64)[0])
+    if size:
+      message = bytes(row[8:8 + size]).decode("utf-8", "replace")
+      raise RuntimeError(f"{step}: process {p} failed: {message}")
+  return result

@@ -3,15 +3,19 @@ encoder: Recall@k per task by UniIR's rules, reasoning rate per task, queries/s 
 
 Every task's files are checked before anything is encoded: with `eval.tasks` set, a missing file
 is an error listing all of them; without, the tasks whose files are all present are evaluated
-and the missing ones named (in the log and in results.json). Each pool is encoded once (the
-union pool once for all tasks) into files on disk, streamed and resumable (`pools.py`), keyed by
-a fingerprint of the checkpoint; the model's weights alone are restored (`train/trained.py`),
-in `eval.param_dtype`. Queries are scored against the pool block by block. With several
-processes (`--num_processes`, as `trace_jax.main`), each encodes its share of every pool and of
-every task's queries on its own devices, and the recalls are those of one process
-(`distributed.py`). Queries take their instruction as `eval.
-instruction_mode` says: `first` (deterministic) or `random` (UniIR's draw, seeded per task by
-`eval.instruction_seed`); the report names the mode.
+and the missing ones named (in the log and in results.json). Then, still before any model work,
+every line of the evaluated query and pool files is read and every image they name checked to
+exist (`preflight.py`; every process reads whole files, so all raise the same error, naming
+file, line, id and path; a missing image is an error, not a skip, as UniIR scores every query).
+Each pool is encoded once (the union pool once for all tasks) into files on disk, streamed and
+resumable (`pools.py`), keyed by a fingerprint of the checkpoint; the model's weights alone are
+restored (`train/trained.py`), in `eval.param_dtype`. Queries are scored against the pool block
+by block. With several processes (`--num_processes`, as `trace_jax.main`), each encodes its
+share of every pool and of every task's queries on its own devices, and the recalls are those of
+one process (`distributed.py`); a failure in one process's encoding (an image that does not
+decode) stops every process at the end of that step (`distributed.agree`). Queries take their
+instruction as `eval.instruction_mode` says: `first` (deterministic) or `random` (UniIR's draw,
+seeded per task by `eval.instruction_seed`); the report names the mode.
 
 Writes under WORKDIR/eval/ (process 0): results.json, results.md (a table shaped like the
 paper's), the query embeddings (.npy; the candidates' are under eval/pools/) and the retrieved
@@ -36,7 +40,7 @@ from trace_jax import sharding
 from trace_jax.data import instructions as instruction_lib
 from trace_jax.data import mbeir, synthetic
 from trace_jax.data import setup as data_setup
-from trace_jax.eval import distributed, metrics, pools
+from trace_jax.eval import distributed, metrics, pools, preflight
 from trace_jax.infer.encode import MODES, Encoder, Item
 from trace_jax.infer.retrieval import top_k
 from trace_jax.train import checkpoint, trained
@@ -79,6 +83,29 @@ def present_tasks(tasks: list[mbeir.EvalTask], root: str, pool: str,
                             f"needed by {len(missing) or len(tasks)} task(s): "
                             + ", ".join(listed))
   return [t for t in tasks if t.name not in missing], missing
+
+
+def pool_path(task: mbeir.EvalTask, root: str, pool: str) -> str:
+  """The pool file a task is scored against: its own (`local`) or the union test pool."""
+  return os.path.join(root, mbeir.UNION_TEST_POOL_FILE if pool == "global" else task.pool_file)
+
+
+def check_inputs(tasks: list[mbeir.EvalTask], root: str, pool: str) -> dict[str, np.ndarray]:
+  """Checks, before any model work, every line of every task's query file and pool file and
+  that every image they name exists (`preflight.py`); every process checks whole files, so
+  all raise the same error together. Returns {pool path: its dids} (`pools.read_dids`).
+
+  Raises:
+    FileNotFoundError: `"{file}:{line}: qid|did {id}: image not found: {path}"`.
+    mbeir.MBEIRFormatError: a malformed line (names file and line).
+  """
+  dids = {}
+  for task in tasks:
+    preflight.check_query_images(os.path.join(root, task.query_file), root)
+    path = pool_path(task, root, pool)
+    if path not in dids:
+      dids[path] = pools.read_dids(path, image_root=root)
+  return dids
 
 
 def eval_mesh(config) -> jax.sharding.Mesh:
@@ -183,6 +210,7 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   tasks, missing = present_tasks(eval_tasks(config, root), root, ev.pool, bool(ev.tasks))
   for name, files in missing.items():
     _log.warning("task %s not evaluated: %s missing under %s", name, ", ".join(files), root)
+  pool_dids = check_inputs(tasks, root, ev.pool)
   model, tok, step, mesh = load_model(config, workdir)
   tag = encoder_tag(config, step, checkpoint.fingerprint(workdir, step))
   encoder = make_encoder(config, model, tok, root, mesh)
@@ -192,16 +220,17 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   encoded: dict[str, pools.PoolShard] = {}
 
   def pool_of(task) -> pools.PoolShard:
-    path = os.path.join(root, mbeir.UNION_TEST_POOL_FILE if ev.pool == "global" else task.pool_file)
+    path = pool_path(task, root, ev.pool)
     if path not in encoded:  # Each pool once (the union pool once for every task).
-      encoded[path] = pools.encode_pool(path, encoder, os.path.join(out_dir, "pools"),
-                                        ev.embedding_dtype, tag, ev.pool_chunk)
+      encoded[path] = distributed.agree(f"encoding {path}", lambda: pools.encode_pool(
+        path, encoder, os.path.join(out_dir, "pools"), ev.embedding_dtype, tag, ev.pool_chunk,
+        dids=pool_dids.pop(path)))
     return encoded[path]
 
   results, qps = {}, {m: [] for m in MODES}
   for task in tasks:
     queries, items = query_items(task, root, ev.instruction_mode, ev.instruction_seed)
-    ranked, scores, enc = _retrieve(encoder, items, pool_of(task), ev.mode, mesh)
+    ranked, scores, enc = _retrieve(encoder, items, pool_of(task), ev.mode, mesh, task.name)
     qrels = mbeir.load_qrels(os.path.join(root, task.qrels_file))
     result = metrics.task_result({q.qid: r for q, r in zip(queries, ranked)}, qrels, K_LIST,
                                  task.headline_k, reason_rate=float(enc["reasoned"].mean()))
@@ -238,13 +267,16 @@ def evaluate(config, workdir: str, root: str | None = None) -> dict:
   return report
 
 
-def _retrieve(encoder: Encoder, items: list[Item], pool: pools.PoolShard, mode: str, mesh):
+def _retrieve(encoder: Encoder, items: list[Item], pool: pools.PoolShard, mode: str, mesh,
+              name: str = "queries"):
   """(ranked dids per query, their scores, the gathered per-query encoder outputs): this
   process encodes its share of the queries and ranks all of them against its share of the
-  pool; the shares' top-k merge into the whole pool's."""
+  pool; the shares' top-k merge into the whole pool's. A failure to encode a query, in any
+  process, stops every process (`distributed.agree`)."""
   n = len(items)
   mine = distributed.share(n)
-  enc = encoder.encode_queries([items[i] for i in mine], mode)
+  enc = distributed.agree(f"encoding {name}'s queries",
+                          lambda: encoder.encode_queries([items[i] for i in mine], mode))
   queries = distributed.gather_rows(enc.embeddings, n)
   k = max(K_LIST)
   scores, local = top_k(queries, pool.embeddings, k, mesh=mesh)

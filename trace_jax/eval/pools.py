@@ -1,17 +1,17 @@
 """Candidate pools encoded once and kept on disk, for evaluation at the size of M-BEIR's union.
 
 The union test pool has 5.6M candidates (~80 GB of float32 embeddings at width 3584): no process
-holds it, nor its texts, in memory. Each process reads the pool file once, checking every line
-and keeping only the dids (rankings name them) as one array of fixed-width UTF-8 bytes, then
-reads it a second time streaming the candidates of its share (`distributed.share`) to the
-encoder, `eval.pool_chunk` at a time. Each chunk's embeddings are written at their place in a
-`.npy` file (`eval.embedding_dtype`: float32, or bfloat16 stored as its raw uint16 bits, half
-the disk) and a progress file records the chunks that are complete: an encoding that was
-stopped resumes at its first incomplete chunk, and gives the same bytes as one that was not.
-The file is renamed when complete, and named for the checkpoint (a fingerprint of its files,
-`train/checkpoint.py`), the encoder settings and the process layout, so a pool is encoded once
-per evaluation (the union pool serves all 16 tasks), a rerun of the same evaluation reuses it and
-a retrained checkpoint does not. Scoring reads it block by block from disk (`RowFile`,
+holds it, nor its texts, in memory. Each process reads the pool file once, checking every line (and
+that every image it names exists) and keeping only the dids (rankings name them) as one array of
+fixed-width UTF-8 bytes, then reads it a second time streaming the candidates of its share
+(`distributed.share`) to the encoder, `eval.pool_chunk` at a time. Each chunk's embeddings are
+written at their place in a `.npy` file (`eval.embedding_dtype`: float32, or bfloat16 stored as its
+raw uint16 bits, half the disk) and a progress file records the chunks that are complete: an
+encoding that was stopped resumes at its first incomplete chunk, and gives the same bytes as one
+that was not. The file is renamed when complete, and named for the checkpoint (a fingerprint of its
+files, `train/checkpoint.py`), the encoder settings and the process layout, so a pool is encoded
+once per evaluation (the union pool serves all 16 tasks), a rerun of the same evaluation reuses it
+and a retrained checkpoint does not. Scoring reads it block by block from disk (`RowFile`,
 `infer/retrieval.py`).
 """
 
@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from trace_jax.data import mbeir
-from trace_jax.eval import distributed
+from trace_jax.eval import distributed, preflight
 from trace_jax.infer.encode import Encoder, Item
 
 DTYPES = ("float32", "bfloat16")
@@ -78,12 +78,18 @@ class RowFile:
     return _view(data.reshape(n, width), self.dtype_name)
 
 
-def read_dids(path: str) -> np.ndarray:
+def read_dids(path: str, image_root: str | None = None) -> np.ndarray:
   """Every did of a pool file in file order, as fixed-width UTF-8 bytes (tens of bytes each):
-  one pass, every line checked (a malformed one names the file and line), duplicates included."""
+  one pass, every line checked (a malformed one names the file and line), duplicates included.
+  With `image_root`, every candidate's image is checked to exist there in the same pass (a stat
+  each, `preflight.check_image`): a missing one raises FileNotFoundError naming file, line, did
+  and path."""
   blocks, block = [], []
   for n, record in mbeir.read_jsonl(path):
-    block.append(mbeir.parse_candidate(record, f"{path}:{n}").did.encode("utf-8"))
+    cand = mbeir.parse_candidate(record, f"{path}:{n}")
+    if image_root is not None:
+      preflight.check_image(image_root, cand.image_path, f"did {cand.did}", f"{path}:{n}")
+    block.append(cand.did.encode("utf-8"))
     if len(block) == _DID_BLOCK:
       blocks.append(np.asarray(block, np.bytes_))
       block = []
@@ -128,15 +134,16 @@ def _lines_of_share(path: str, p: int, n_proc: int) -> Iterator[tuple[int, str]]
 
 
 def encode_pool(path: str, encoder: Encoder, out_dir: str, dtype: str, tag: str,
-                chunk: int = 4096) -> PoolShard:
+                chunk: int = 4096, dids: np.ndarray | None = None) -> PoolShard:
   """Encodes this process's share of a pool file into `out_dir` (or reuses the file a previous
   call completed, or resumes one it left incomplete); `tag` names the checkpoint and encoder
-  settings the embeddings depend on; `chunk` candidates are encoded and saved at a time."""
+  settings the embeddings depend on; `chunk` candidates are encoded and saved at a time. `dids`:
+  the file's `read_dids`, when the caller read (and checked) it already."""
   if dtype not in DTYPES:
     raise ValueError(f"eval.embedding_dtype={dtype!r}; expected one of {DTYPES}")
   if chunk < 1:
     raise ValueError(f"eval.pool_chunk={chunk}; expected >= 1")
-  dids = read_dids(path)
+  dids = read_dids(path, encoder.root) if dids is None else dids
   rows = distributed.share(len(dids))
   name = (f"{os.path.basename(path).removesuffix('.jsonl')}.{tag}.{dtype}."
           f"p{jax.process_index()}of{jax.process_count()}.npy")
