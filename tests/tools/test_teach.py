@@ -45,6 +45,15 @@ def run(tmp_path_factory):
   return config, workdir
 
 
+@pytest.fixture(scope="module")
+def whole(run, tmp_path_factory):
+  """(items, report, output folder) of one uninterrupted in-process run of every phase."""
+  config, workdir = run
+  out = str(tmp_path_factory.mktemp("whole") / "teach")
+  items, report = all_phases(teach_cfg(), workdir, config.data.root, out)
+  return items, report, out
+
+
 def teach_cfg(**generate):
   config = teach_config.get_config("world=demo")
   config.generate.max_new_tokens = 10
@@ -83,11 +92,10 @@ def assert_same_records(got, want):
       assert g["confidence"] == pytest.approx(w["confidence"], abs=CONFIDENCE_ATOL), g["qid"]
 
 
-def test_all_phases_then_build_cot_then_training_reads_it(run, tmp_path):
+def test_all_phases_then_build_cot_then_training_reads_it(run, whole, tmp_path):
   config, workdir = run
   root = config.data.root
-  out = str(tmp_path / "teach")
-  items, report = all_phases(teach_cfg(), workdir, root, out)
+  items, report, out = whole
   raw = raw_records(out)
   hard = [it for it in items if it.task_id in (6, 7)]
   assert report["reason"] == len(hard) and report["direct"] == len(items) - len(hard) > 0
@@ -128,13 +136,12 @@ def test_all_phases_then_build_cot_then_training_reads_it(run, tmp_path):
   assert row["step"] == 1 and row["loss/total"] > 0
 
 
-def test_resume_after_a_kill_gives_the_same_records(run, tmp_path):
-  """SIGKILL while generating; the rerun neither redoes nor duplicates a query and ends with
-  the records of an uninterrupted run (greedy decoding)."""
+def test_resume_after_a_kill_gives_the_same_records(run, whole, tmp_path):
+  """SIGKILL while generating (2 slots, batches of 2); the rerun neither redoes nor duplicates
+  a query and ends with the records of an uninterrupted run with the default slots and batches
+  (greedy decoding: the texts do not depend on the batch layout)."""
   config, workdir = run
   root = config.data.root
-  whole = str(tmp_path / "whole")
-  all_phases(teach_cfg(slots=2, batch_size=2), workdir, root, whole)
 
   out = str(tmp_path / "killed")
   cmd = [sys.executable, "-m", "trace_jax.tools.teach", "--config=configs/teach.py:world=demo",
@@ -156,7 +163,7 @@ def test_resume_after_a_kill_gives_the_same_records(run, tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   generated = [r["qid"] for r in shards.read(out, "generated")]
   assert len(generated) == len(set(generated)) >= done_before
-  assert_same_records(raw_records(out), raw_records(whole))
+  assert_same_records(raw_records(out), raw_records(whole[2]))
 
 
 def _free_port() -> int:
