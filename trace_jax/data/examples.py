@@ -27,7 +27,8 @@ LM_TARGET = "lm"  # A query without an M-BEIR-CoT record (`data.cot_missing`).
 _log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+# Slots: a million examples are held at once (M-BEIR's union training), without a __dict__ each.
+@dataclasses.dataclass(frozen=True, slots=True)
 class TrainExample:
   example_id: str  # "<query file>:<line>", unique and stable: errors and skips name it.
   qid: str
@@ -51,7 +52,7 @@ class TrainExample:
     return self.reasoning is not None
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TrainExample":
