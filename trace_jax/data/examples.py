@@ -8,6 +8,7 @@ or with image bytes inline for ArrayRecord shards. Turning an example into token
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -26,7 +27,8 @@ LM_TARGET = "lm"  # A query without an M-BEIR-CoT record (`data.cot_missing`).
 _log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+# Slots: a million examples are held at once (M-BEIR's union training), without a __dict__ each.
+@dataclasses.dataclass(frozen=True, slots=True)
 class TrainExample:
   example_id: str  # "<query file>:<line>", unique and stable: errors and skips name it.
   qid: str
@@ -50,7 +52,7 @@ class TrainExample:
     return self.reasoning is not None
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TrainExample":
@@ -151,13 +153,59 @@ def load_split(root: str, files: Iterable[tuple[str, str]], cot_file: str | None
   instructions = instruction_lib.load_instructions(mbeir.instructions_file(root))
   cot = cot_lib.read_cot(cot_file) if cot_file else None
   coverage = cot_lib.CoTCoverage(cot, tuple(cot_drop_datasets)) if cot is not None else None
+  files = list(files)
+  pools = _Pools(root, files, hard_negatives)
   out: list[TrainExample] = []
   for query_file, pool_file in files:
-    pool = mbeir.load_pool(os.path.join(root, pool_file))
+    pool = pools.take(pool_file)
     out += build_examples(root, os.path.join(root, query_file), pool, instructions, cot,
                           instruction_mode=instruction_mode, seed=seed, target=target,
                           cand_target=cand_target, marker=marker, cot_missing=cot_missing,
                           hard_negatives=hard_negatives, coverage=coverage)
   if coverage is not None:
     coverage.check(cot_file)
+  return out
+
+
+class _Pools:
+  """Each pool file of a split parsed once, however many query files pair with it (M-BEIR's ten
+  training files all pair with the 1.1M-candidate union pool), and dropped after its last user.
+
+  With `hard_negatives="none"` only the candidates the query files name as positives are parsed
+  and kept (one pass over the query files first); a hard negative may be any candidate of the
+  pool (`negatives.py`), so the other modes keep the whole pool.
+  """
+
+  def __init__(self, root: str, files: list[tuple[str, str]], hard_negatives: str):
+    self.root, self.whole = root, hard_negatives != "none"
+    self.users = collections.Counter(pool_file for _, pool_file in files)
+    self.queries: dict[str, list[str]] = collections.defaultdict(list)
+    for query_file, pool_file in files:
+      self.queries[pool_file].append(query_file)
+    self.held: dict[str, dict[str, mbeir.Candidate]] = {}
+
+  def take(self, pool_file: str) -> dict[str, mbeir.Candidate]:
+    """The pool of `pool_file` for its next query file (in `files` order)."""
+    if pool_file not in self.held:
+      path = os.path.join(self.root, pool_file)
+      if self.whole:
+        self.held[pool_file] = mbeir.load_pool(path)
+      else:
+        needed = _positive_dids(os.path.join(self.root, q) for q in self.queries[pool_file])
+        self.held[pool_file] = mbeir.load_pool_subset(path, needed)
+    self.users[pool_file] -= 1
+    if self.users[pool_file]:
+      return self.held[pool_file]
+    return self.held.pop(pool_file)
+
+
+def _positive_dids(query_files: Iterable[str]) -> set[str]:
+  """The dids that `build_examples` takes as positives (the first of each `pos_cand_list`); a
+  malformed line is left for `build_examples` to report."""
+  out = set()
+  for path in query_files:
+    for _, record in mbeir.read_jsonl(path):
+      pos = record.get("pos_cand_list")
+      if isinstance(pos, list) and pos and isinstance(pos[0], str):
+        out.add(pos[0])
   return out

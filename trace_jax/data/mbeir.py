@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 # UniIR `DATASET_IDS` (src/data/preprocessing/utils.py): dataset name -> id prefix.
 DATASET_IDS: dict[str, int] = {
@@ -307,6 +307,30 @@ def load_pool(path: str) -> dict[str, Candidate]:
   pool: dict[str, Candidate] = {}
   first_line: dict[str, int] = {}
   for n, record in read_jsonl(path):
+    cand = parse_candidate(record, f"{path}:{n}")
+    if cand.did in pool:
+      raise MBEIRFormatError(f"{path}:{n}: duplicate did {cand.did!r} "
+                             f"(first on line {first_line[cand.did]})")
+    pool[cand.did] = cand
+    first_line[cand.did] = n
+  return pool
+
+
+def load_pool_subset(path: str, needed: Collection[str]) -> dict[str, Candidate]:
+  """The candidates of a pool file whose dids are in `needed`, in file order: one pass that
+  parses only those lines' records into `Candidate`s (a training split names a few of the union
+  pool's 1.1M candidates).
+
+  Raises:
+    MBEIRFormatError: a malformed line (bad JSON anywhere; a bad candidate among those kept), or
+      a kept did seen before (names file, both lines and the did).
+  """
+  pool: dict[str, Candidate] = {}
+  first_line: dict[str, int] = {}
+  for n, record in read_jsonl(path):
+    did = record.get("did")
+    if not isinstance(did, str) or did not in needed:
+      continue
     cand = parse_candidate(record, f"{path}:{n}")
     if cand.did in pool:
       raise MBEIRFormatError(f"{path}:{n}: duplicate did {cand.did!r} "

@@ -31,6 +31,7 @@ exact next batch.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
@@ -162,12 +163,28 @@ def pad_batch(examples: Sequence[dict[str, Any]], buckets: Buckets,
   return out
 
 
-def group_by_task(examples: Sequence[TrainExample]) -> dict[int, list[dict]]:
-  """Example records (dicts) per task id."""
-  by_task: dict[int, list[dict]] = {}
+class ExampleRecords(collections.abc.Sequence):
+  """A task's examples as a random-access source of records (dicts), each made when it is read:
+  the examples are held once, not beside a dict copy of each."""
+
+  def __init__(self, examples: list[TrainExample]):
+    self.examples = examples
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [ex.to_dict() for ex in self.examples[index]]
+    return self.examples[index].to_dict()
+
+
+def group_by_task(examples: Sequence[TrainExample]) -> dict[int, ExampleRecords]:
+  """Example records (dicts, made as they are read) per task id."""
+  by_task: dict[int, list[TrainExample]] = {}
   for ex in examples:
-    by_task.setdefault(ex.task_id, []).append(ex.to_dict())
-  return by_task
+    by_task.setdefault(ex.task_id, []).append(ex)
+  return {t: ExampleRecords(exs) for t, exs in by_task.items()}
 
 
 class _ConcatIterator(grain.DatasetIterator):
@@ -232,7 +249,7 @@ def make_dataset(by_task: Mapping[int, Sequence[dict]], to_arrays: ToArrays, buc
   whatever the number of processes, as long as `num_shards` is.
 
   Args:
-    by_task: random-access records per task id: lists of example dicts (`group_by_task`), or
+    by_task: random-access records per task id: example dicts (`group_by_task`), or
       ArrayRecord subsets (`shards.split_by_task`) with the images inline.
     task_weights: sampling weight per task id (default: proportional to the task's size).
     one_task_per_batch: draw whole batches from one task at a time, by `task_weights`.
