@@ -306,7 +306,8 @@ def stage_teach(base: str, scale: float, tokenizer: str, run: str) -> dict:
 
 def profile_parts(base: str, scale: float) -> dict:
   """In this process: tracemalloc and cProfile of the parts that read whole files, the training
-  examples (`load_split`) and the union pool's share (`read_share`, one process)."""
+  examples (`load_split`) and the union pool's pass that every evaluating process makes
+  (`read_dids`: the compact dids, each candidate's image checked to exist)."""
   import cProfile
   import pstats
   import tracemalloc
@@ -320,17 +321,17 @@ def profile_parts(base: str, scale: float) -> dict:
   def split():
     return examples.load_split(root, config.data.train_files, None, target="direct")
 
-  def share():
-    return pools.read_share(os.path.join(root, mbeir.UNION_TEST_POOL_FILE))
+  def dids():
+    return pools.read_dids(os.path.join(root, mbeir.UNION_TEST_POOL_FILE), image_root=root)
 
   out = {}
-  for name, fn in (("load_split", split), ("read_share", share)):
+  for name, fn in (("load_split", split), ("read_dids", dids)):
     tracemalloc.start()
     start = time.perf_counter()
     result = fn()
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    n = len(result) if name == "load_split" else len(result[0])
+    n = len(result)
     out[name] = dict(items=n, s=round(time.perf_counter() - start, 2),
                      held_mb=round(held / 2**20, 1), peak_mb=round(peak / 2**20, 1),
                      held_bytes_per_item=round(held / n))
