@@ -97,7 +97,7 @@ def setup(tmp_path_factory):
   synthetic.generate_world(root, n_train=24, n_test=2)
   hf_dir = str(tmp / "hf")
   model = write_teacher(hf_dir)
-  config = teach_config.get_config("world=demo,dtype=float32")
+  config = teach_config.get_config("world=demo,dtype=float32,param_dtype=float32")
   config.generate.image_grid = GRID
   config.generate.max_new_tokens = MAX_NEW
   config.generate.prompt_buckets = (128,)  # After the template's head.
