@@ -304,22 +304,13 @@ def load_pool(path: str) -> dict[str, Candidate]:
   Raises:
     MBEIRFormatError: a malformed line, or a did seen before (names file, both lines and the did).
   """
-  pool: dict[str, Candidate] = {}
-  first_line: dict[str, int] = {}
-  for n, record in read_jsonl(path):
-    cand = parse_candidate(record, f"{path}:{n}")
-    if cand.did in pool:
-      raise MBEIRFormatError(f"{path}:{n}: duplicate did {cand.did!r} "
-                             f"(first on line {first_line[cand.did]})")
-    pool[cand.did] = cand
-    first_line[cand.did] = n
-  return pool
+  return load_pool_subset(path, None)
 
 
-def load_pool_subset(path: str, needed: Collection[str]) -> dict[str, Candidate]:
-  """The candidates of a pool file whose dids are in `needed`, in file order: one pass that
-  parses only those lines' records into `Candidate`s (a training split names a few of the union
-  pool's 1.1M candidates).
+def load_pool_subset(path: str, needed: Collection[str] | None) -> dict[str, Candidate]:
+  """The candidates of a pool file whose dids are in `needed` (None: every line's), in file
+  order: one pass that parses only those lines' records into `Candidate`s (a training split
+  names a few of the union pool's 1.1M candidates).
 
   Raises:
     MBEIRFormatError: a malformed line (bad JSON anywhere; a bad candidate among those kept), or
@@ -328,9 +319,10 @@ def load_pool_subset(path: str, needed: Collection[str]) -> dict[str, Candidate]
   pool: dict[str, Candidate] = {}
   first_line: dict[str, int] = {}
   for n, record in read_jsonl(path):
-    did = record.get("did")
-    if not isinstance(did, str) or did not in needed:
-      continue
+    if needed is not None:
+      did = record.get("did")
+      if not isinstance(did, str) or did not in needed:
+        continue
     cand = parse_candidate(record, f"{path}:{n}")
     if cand.did in pool:
       raise MBEIRFormatError(f"{path}:{n}: duplicate did {cand.did!r} "

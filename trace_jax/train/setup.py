@@ -27,13 +27,16 @@ from trace_jax.train import state as state_lib
 from trace_jax.train import step as step_lib
 
 
-def make_model_fn(config, model_cfg=None) -> Callable[[], QwenVL]:
+def make_model_fn(config, model_cfg=None, token_row_ids=()) -> Callable[[], QwenVL]:
   """A function that builds the config's model (or `model_cfg`'s, e.g. with the tokenizer's
-  special-token ids), with LoRA adapters when `lora.rank > 0`."""
+  special-token ids), with trainable rows for `token_row_ids` (`model.token_rows`, as
+  `create_model` attaches them under LoRA) and LoRA adapters when `lora.rank > 0`."""
   cfg = model_cfg or factory.model_config(config)
 
   def make() -> QwenVL:
     model = QwenVL(cfg, rngs=nnx.Rngs(config.seed))
+    if token_row_ids:
+      token_rows.attach(model, token_row_ids)
     if config.lora.rank:
       apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
                  dropout=config.lora.dropout, targets=tuple(config.lora.targets),

@@ -21,9 +21,9 @@ from trace_jax import sharding
 from trace_jax.data import setup as data_setup
 from trace_jax.model import factory, token_rows
 from trace_jax.model.config import ModelConfig
-from trace_jax.model.lora import apply_lora, merge_lora
-from trace_jax.model.qwen_vl import QwenVL
+from trace_jax.model.lora import merge_lora
 from trace_jax.train import checkpoint
+from trace_jax.train import setup as train_setup
 from trace_jax.train import state as state_lib
 
 MODEL_CONFIG = "model_config.json"
@@ -61,7 +61,12 @@ def restore_weights(config, workdir: str, mesh, model_cfg: ModelConfig, tok,
   """(graphdef, {"params": {"model": trainable state}, "frozen": frozen state}, step): the
   newest checkpoint's weights, unmerged, on `mesh`, for a model built abstractly from
   `model_cfg` (floating weights in `dtype`, adapters in float32)."""
-  abstract = nnx.eval_shape(_make_fn(config, model_cfg.replace(param_dtype=dtype), tok))
+  # The structure `train.setup.create_model` leaves: added-token rows under LoRA when started
+  # from init_from, then the adapters.
+  rows = (tuple(getattr(tok, "added_ids", None) or ())
+          if config.ckpt.init_from and config.lora.rank else ())
+  abstract = nnx.eval_shape(train_setup.make_model_fn(config, model_cfg.replace(param_dtype=dtype),
+                                                      rows))
   graphdef, trainable, frozen = state_lib.split_model(abstract, config.lora.rank,
                                                       config.optim.train_vision)
   target = {"params": {"model": trainable}, "frozen": frozen}
@@ -115,21 +120,6 @@ def model_config(config, workdir: str, tok) -> ModelConfig | None:
   if config.ckpt.init_from:
     return None
   return data_setup.with_token_ids(factory.model_config(config), tok)
-
-
-def _make_fn(config, model_cfg: ModelConfig, tok):
-  """A function building the trained model's structure (as `train.setup.create_model` leaves
-  it: added-token rows under LoRA when started from init_from, then the adapters)."""
-  def make() -> QwenVL:
-    model = QwenVL(model_cfg, rngs=nnx.Rngs(config.seed))
-    if config.ckpt.init_from and config.lora.rank and getattr(tok, "added_ids", None):
-      token_rows.attach(model, tok.added_ids)
-    if config.lora.rank:
-      apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha,
-                 dropout=config.lora.dropout, targets=tuple(config.lora.targets),
-                 rngs=nnx.Rngs(config.seed + 1))
-    return model
-  return make
 
 
 def _targets(tree, mesh, dtype: str):
