@@ -160,6 +160,30 @@ def test_candidates_equal_naive_loop(setup, readout, cand_reasoning):
   assert (reasoned > 0) == cand_reasoning  # Candidates write text only when trained to.
 
 
+def test_long_and_short_candidates_batch_apart(setup):
+  """Candidates are batched shortest text first (the order given is kept in the output): four
+  long texts interleaved with four short ones make one short batch and one long one, not two
+  batches padded to the long bucket."""
+  model, tok, _ = setup
+  widths = []
+
+  class Recording(Encoder):
+    def _pack(self, *args, **kwargs):
+      packed = super()._pack(*args, **kwargs)
+      widths.append(packed.ids.shape[1])
+      return packed
+
+  cands = [Item(f"item {i} " + "red circle left " * (20 if i % 2 else 0), None, f"9:{i}")
+           for i in range(8)]
+  kw = dict(image_grid=GRID, root=fx.ROOT, prompt_buckets=(64, 256), compact_prompts=True)
+  got = Recording(model, tok, batch_size=4, **kw).encode_candidates(cands)
+  assert widths == [64, 256]
+  alone = Encoder(model, tok, batch_size=1, **kw)
+  for i, it in enumerate(cands):
+    np.testing.assert_allclose(got.embeddings[i], alone.encode_candidates([it]).embeddings[0],
+                               atol=2e-5, err_msg=str(i))
+
+
 def test_end_of_reasoning_needs_the_marker_id(setup):
   model, tok, _ = setup
   with pytest.raises(ValueError, match="eor_id"):
