@@ -300,6 +300,8 @@ def stage_teach(base: str, scale: float, tokenizer: str, run: str) -> dict:
   if os.path.exists(os.path.join(out, "teach_report.json")):
     with open(os.path.join(out, "teach_report.json")) as f:
       report = json.load(f)
+    for cuts in report.get("prompt_cuts", {}).values():  # The qids are in the report file.
+      cuts["qids"] = len(cuts.get("qids", ()))
   return dict(m, items=reasoning, bytes_written=bytes_under(out),
               skipped=report.get("skipped"), report=report)
 

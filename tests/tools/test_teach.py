@@ -279,6 +279,45 @@ def test_max_queries_is_a_seeded_sample_across_datasets_in_file_order():
   assert sample_items(items, 0, seed=0) == items == sample_items(items, 500, seed=0)
 
 
+def test_items_leave_their_positives_texts_in_the_pool(tmp_path):
+  """Passages of 40 KB as positives: the items hold where each is (a few bytes), not the text,
+  and read it back exact when a prompt asks."""
+  import tracemalloc
+  root = tmp_path / "mbeir"
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "mbeir_mini"), root)
+  pool = root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl"
+  records = [json.loads(line) for line in pool.read_text().splitlines()]
+  texts = {}
+  for r in records:
+    if r["txt"]:
+      r["txt"] = texts[r["did"]] = f"{r['did']} " + "passage " * 5000
+  pool.write_text("".join(json.dumps(r) + "\n" for r in records))
+  files = [("query/union_train/mbeir_union_up_train.jsonl",
+            "cand_pool/global/mbeir_union_train_cand_pool.jsonl")]
+  tracemalloc.start()
+  items = load_items(str(root), files)
+  held, _ = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  with_text = [it for it in items if it.target_text]
+  assert with_text and held < sum(len(it.target_text) for it in with_text) / 4
+  for it in with_text:
+    assert it.target_text == it.resolved().target == texts[it.target_text.split()[0]]
+
+
+@pytest.mark.parametrize("tail", ["", '{"qid": "9:', '{"qid": "' + "x" * 70000])
+def test_a_shard_loses_only_its_partial_last_line(tmp_path, tail):
+  """A kill mid-write leaves a partial line, here also one longer than the block the cut reads
+  backwards; the next run's shard cuts it and keeps every complete record."""
+  lines = [json.dumps({"qid": f"9:{i}", "text": "y" * (i * 5000)}) + "\n" for i in range(30)]
+  path = tmp_path / "generated.p0of1.jsonl"
+  path.write_text("".join(lines) + tail)
+  shards.Shard(str(tmp_path), "generated").close()
+  assert path.read_text() == "".join(lines)
+  path.write_text(tail)
+  shards.Shard(str(tmp_path), "generated").close()
+  assert path.read_text() == ""
+
+
 def _item(qid, dataset="CIRR", target="", query=""):
   return TeachItem(qid, 7, dataset, f"q.jsonl:{qid}", "Find it.", query, None, target, None)
 

@@ -159,18 +159,37 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   Raises:
     MBEIRFormatError: a line is not valid JSON or not a JSON object (names file and line).
   """
-  with open(path, encoding="utf-8") as f:
+  for line_number, _, record in read_jsonl_at(path):
+    yield line_number, record
+
+
+def read_jsonl_at(path: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+  """`read_jsonl` with each line's byte offset: `(line_number, offset, object)`; `read_line_at`
+  reads the line again later."""
+  with open(path, "rb") as f:
+    offset = 0
     for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise MBEIRFormatError(f"{path}:{line_number}: malformed JSON: {e.msg}") from e
-      if not isinstance(record, dict):
-        raise MBEIRFormatError(f"{path}:{line_number}: expected a JSON object, "
-                               f"got {type(record).__name__}")
-      yield line_number, record
+      start, offset = offset, offset + len(line)
+      if line.strip():
+        yield line_number, start, _decode(line, f"{path}:{line_number}")
+
+
+def read_line_at(path: str, offset: int, line_number: int) -> dict[str, Any]:
+  """The object on the line at byte `offset` of a JSONL file (found by `read_jsonl_at`);
+  `line_number` names it in errors."""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return _decode(f.readline(), f"{path}:{line_number}")
+
+
+def _decode(line: bytes, where: str) -> dict[str, Any]:
+  try:
+    record = json.loads(line)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise MBEIRFormatError(f"{where}: malformed JSON: {getattr(e, 'msg', e)}") from e
+  if not isinstance(record, dict):
+    raise MBEIRFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  return record
 
 
 _MISSING = object()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from trace_jax.data import cot
 from trace_jax.teach import shards
@@ -46,12 +46,13 @@ def rejected(output: str, confidence: float | None, min_confidence: float) -> bo
   return confidence is not None and confidence <= min_confidence
 
 
-def by_attempt(records: Iterable[dict]) -> dict[str, dict[int, dict]]:
-  """qid -> attempt -> record."""
+def by_attempt(records: Iterable[dict], fields: Sequence[str]) -> dict[str, dict[int, dict]]:
+  """qid -> attempt -> the record's `fields` (those it has): a phase holds every query's
+  records, so only what it reads is kept."""
   out = collections.defaultdict(dict)
   for r in records:
     qid, attempt = shards.attempt_key(r)
-    out[qid][attempt] = r
+    out[qid][attempt] = {f: r[f] for f in fields if f in r}
   return out
 
 
@@ -59,8 +60,8 @@ def next_attempts(config, out_dir: str, items: list[TeachItem]) -> dict[str, int
   """The attempt each query of `items` (reason queries) needs: 0 when none of its attempts was
   verified yet (done or not: the shards say), the next when its last verified attempt was
   rejected and attempts remain; a query needing none is left out."""
-  generated = by_attempt(shards.read(out_dir, "generated"))
-  verified = by_attempt(shards.read(out_dir, "verified"))
+  generated = by_attempt(shards.read(out_dir, "generated"), ("teacher_output",))
+  verified = by_attempt(shards.read(out_dir, "verified"), ("confidence",))
   limit, out = max_attempts(config), {}
   for it in items:
     judged = verified.get(it.qid)

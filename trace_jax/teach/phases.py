@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 import zlib
 from typing import Any, Callable, Iterable, Iterator
@@ -155,7 +156,7 @@ def assess(config, teacher: Teacher | None, items: list[TeachItem], out_dir: str
 
 def routes(out_dir: str, items: list[TeachItem]) -> dict[str, str]:
   """Every query's route; raises when some query has none (run the assess phase first)."""
-  got = {r["qid"]: r["route"] for r in shards.read(out_dir, "routes")}
+  got = {r["qid"]: sys.intern(r["route"]) for r in shards.read(out_dir, "routes")}
   missing = [it.qid for it in items if it.qid not in got]
   if missing:
     raise FileNotFoundError(f"{len(missing)} queries have no route in {out_dir} (e.g. "
@@ -305,6 +306,8 @@ def _fit_ids(teacher: Teacher, template: Template, it: TeachItem, n_img: int, an
   as far as needed (`prompting.fit_fields`), the cut logged and recorded in `cuts[qid]`;
   BadItem when even empty fields leave it too long."""
 
+  it = it.resolved()  # Its positive's text, read once for the prompt's several builds.
+
   def build(item):
     if teacher.output_format == "trace":
       return trace_ids(teacher.tok, item, n_img, teacher.compact), 0
@@ -349,8 +352,8 @@ def _skip(config, skipped: shards.Shard, it: TeachItem, error: Exception,
 def verify(config, verifier: Teacher, items: list[TeachItem], out_dir: str) -> None:
   """Writes the verifier's confidence for the latest attempt of each generated output of this
   process's share."""
-  latest = {qid: tried[max(tried)]
-            for qid, tried in attempts.by_attempt(shards.read(out_dir, "generated")).items()}
+  latest = {qid: tried[max(tried)] for qid, tried in attempts.by_attempt(
+    shards.read(out_dir, "generated"), ("qid", "attempt", "teacher_output")).items()}
   shard = shards.Shard(out_dir, "verified", key=shards.attempt_key)
   skipped = shards.Shard(out_dir, "skipped")
   todo = [it for it in items if it.qid in latest]
@@ -433,8 +436,8 @@ def merge(items: list[TeachItem], out_dir: str,
   output; reason ones, when generated, with the attempt kept (`attempts.chosen`: the first
   accepted, else the last), its output and confidence) and the report."""
   route = routes(out_dir, items)
-  generated = attempts.by_attempt(shards.read(out_dir, "generated"))
-  verified = attempts.by_attempt(shards.read(out_dir, "verified"))
+  generated = attempts.by_attempt(shards.read(out_dir, "generated"), ("teacher_output", "capped"))
+  verified = attempts.by_attempt(shards.read(out_dir, "verified"), ("confidence",))
   skipped = {r["qid"]: r["reason"] for r in shards.read(out_dir, "skipped")}
   counts, kept = collections.Counter(), {}
   path = os.path.join(out_dir, RAW_FILE)

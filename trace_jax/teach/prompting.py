@@ -83,8 +83,8 @@ def first_token_ids(tok: Tokenizer, words: Sequence[str]) -> list[int]:
 
 
 # Fields the budget may shorten, in the order it cuts them (the name in a template's body, the
-# item's attribute).
-CUTTABLE = (("target", "target_text"), ("query", "query_text"))
+# item's field).
+CUTTABLE = (("target", "target"), ("query", "query_text"))
 
 
 def fit_fields(tok: Tokenizer, item: TeachItem, length_of: Callable[[TeachItem], int],
@@ -95,7 +95,7 @@ def fit_fields(tok: Tokenizer, item: TeachItem, length_of: Callable[[TeachItem],
   The result may still be over budget (nothing left to cut): the caller says so. The item's
   other fields are never changed.
   """
-  cuts = {}
+  cuts, item = {}, item.resolved()
   for name, attr in CUTTABLE:
     over = length_of(item) - budget
     if over <= 0:

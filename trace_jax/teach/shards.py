@@ -59,11 +59,25 @@ class Shard:
     self._file.close()
 
 
+_TAIL = 1 << 16  # Bytes read at a time looking for the last newline.
+
+
 def _cut_partial_line(path: str) -> None:
   """Truncates a file after its last newline (what a kill mid-write leaves behind)."""
   if not os.path.exists(path):
     return
-  with open(path, "rb+") as f:
-    data = f.read()
-    if data and not data.endswith(b"\n"):
-      f.truncate(data.rfind(b"\n") + 1)
+  with open(path, "rb+") as f:  # Read backwards from the end: a shard can be gigabytes.
+    end = f.seek(0, os.SEEK_END)
+    pos = end
+    while pos > 0:
+      start = max(0, pos - _TAIL)
+      f.seek(start)
+      block = f.read(pos - start)
+      if pos == end and block.endswith(b"\n"):
+        return
+      newline = block.rfind(b"\n")
+      if newline >= 0:
+        f.truncate(start + newline + 1)
+        return
+      pos = start
+    f.truncate(0)
