@@ -27,12 +27,27 @@ class EmbAs:
     return getattr(self._tok, name)
 
 
+_NAIVE = {}
+
+
 def naive(model, tok, item, max_new, mode, readout="pre_token", eor=-1, candidate=None,
           max_text_tokens=0):
   """Full forward passes, no cache: the reference for the encoder. Returns (embedding, token ids
   written before <|emb|>); `naive.capped` says whether the last call stopped at `max_new` with a
   next token other than <|emb|>. `candidate`: None for a query, else the candidate prompt's
-  `may_reason`."""
+  `may_reason`. Each reference is computed once per module (eager passes, token by token: the
+  same queries recur across the parametrised tests); the model is kept with its entry, so its
+  id is not reused."""
+  key = (id(model), tok.emb_id, item, max_new, mode, readout, eor, candidate, max_text_tokens)
+  if key not in _NAIVE:
+    emb, written = _naive(model, tok, item, max_new, mode, readout, eor, candidate,
+                          max_text_tokens)
+    _NAIVE[key] = (model, emb, written, naive.capped)
+  _, emb, written, naive.capped = _NAIVE[key]
+  return emb.copy(), list(written)
+
+
+def _naive(model, tok, item, max_new, mode, readout, eor, candidate, max_text_tokens):
   n_img = 4 if item.image else 0
   if candidate is None:
     enc = prompts.encode_query(tok, item.text, n_img, None, True, max_text_tokens=max_text_tokens)

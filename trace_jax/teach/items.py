@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 from typing import Sequence
 
 from trace_jax.data import instructions as instruction_lib
@@ -119,7 +120,8 @@ def _positives(path: str, needed: set[str]) -> dict[str, _Positive]:
 
 def _item(q: mbeir.Query, where: str, pool: dict[str, _Positive],
           table: instruction_lib.InstructionTable, shared: dict[str, str]) -> TeachItem:
-  """The query's item; `shared` holds one copy of each instruction text (a task has a few)."""
+  """The query's item; `shared` holds one copy of each instruction text (a task has a few); the
+  qid is interned, as the phases' records' are (`shards.read`)."""
   held = [pool[d] for d in q.pos_cand_list if d in pool]
   if not held:
     raise KeyError(f"{where}: no positive of qid {q.qid} {list(q.pos_cand_list)} is in its pool")
@@ -127,7 +129,7 @@ def _item(q: mbeir.Query, where: str, pool: dict[str, _Positive],
   pos = (same or held)[0]
   instruction = instruction_lib.instruction_for(q, instruction_lib.target_modality(q.task_id),
                                                 table, mode="first")
-  return TeachItem(q.qid, q.task_id, DATASET_NAMES[q.dataset_id], where,
+  return TeachItem(sys.intern(q.qid), q.task_id, DATASET_NAMES[q.dataset_id], where,
                    shared.setdefault(instruction, instruction), q.text or "", q.image_path,
                    pos.text, pos.image_path)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from typing import Callable, Hashable, Iterable, Iterator
 
 import jax
@@ -23,12 +24,17 @@ def shard_paths(out_dir: str, phase: str) -> list[str]:
 
 
 def read(out_dir: str, phase: str) -> Iterator[dict]:
-  """Every complete record of a phase, shard by shard (a partial last line is skipped)."""
+  """Every complete record of a phase, shard by shard (a partial last line is skipped), its qid
+  interned: the phases key every query's records by qid, one string per query among them all
+  (`items.load_items` interns the items' qids too)."""
   for path in shard_paths(out_dir, phase):
     with open(path, encoding="utf-8") as f:
       for line in f:
         if line.endswith("\n"):
-          yield json.loads(line)
+          record = json.loads(line)
+          if isinstance(record.get("qid"), str):
+            record["qid"] = sys.intern(record["qid"])
+          yield record
 
 
 def attempt_key(record: dict) -> tuple[str, int]:
