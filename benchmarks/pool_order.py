@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import statistics
 import time
 
@@ -44,6 +45,7 @@ def main(argv):
   devices.split_cpu(config.cpu_devices)
   import jax  # After XLA_FLAGS.
 
+  from trace_jax.data import mbeir
   from trace_jax.eval import mbeir_eval, pools
   from trace_jax.generate import batching
 
@@ -53,7 +55,7 @@ def main(argv):
     return [np.asarray(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
 
   model, tok, _, mesh = mbeir_eval.load_model(config, run)
-  path = f"{root}/cand_pool/global/mbeir_union_test_cand_pool.jsonl"
+  path = os.path.join(root, mbeir.UNION_TEST_POOL_FILE)
   items = pools.share_items(path)
   items = list(itertools.islice(items, _CANDIDATES.value) if _CANDIDATES.value else items)
   chunk = config.eval.pool_chunk
