@@ -298,10 +298,9 @@ def stage_teach(base: str, scale: float, tokenizer: str, run: str) -> dict:
   reasoning = sum(n for d, n in manifest["train"].items() if d in scale_root.REASONING_DATASETS)
   report = {}
   if os.path.exists(os.path.join(out, "teach_report.json")):
+    from trace_jax.teach import phases
     with open(os.path.join(out, "teach_report.json")) as f:
-      report = json.load(f)
-    for cuts in report.get("prompt_cuts", {}).values():  # The qids are in the report file.
-      cuts["qids"] = len(cuts.get("qids", ()))
+      report = phases.report_summary(json.load(f))
   return dict(m, items=reasoning, bytes_written=bytes_under(out),
               skipped=report.get("skipped"), report=report)
 

@@ -476,6 +476,13 @@ def merge(items: list[TeachItem], out_dir: str,
   return report
 
 
+def report_summary(report: dict) -> dict:
+  """The report with each phase's cut qids as their count (the lists stay in the report file:
+  at M-BEIR's size, hundreds of thousands of qids)."""
+  cuts = {phase: dict(c, qids=len(c["qids"])) for phase, c in report["prompt_cuts"].items()}
+  return dict(report, prompt_cuts=cuts)
+
+
 def _cut_report(out_dir: str) -> dict:
   """Per phase: how many queries' prompts the budget cut, the tokens cut per field, and their
   qids (an attempt repeats its query's cut; counted once)."""

@@ -38,12 +38,11 @@ def main(argv):
   config = _CONFIG.value
   devices.split_cpu(config.cpu_devices)
   processes.join()
-  from trace_jax.teach import runner  # After XLA_FLAGS.
+  from trace_jax.teach import phases, runner  # After XLA_FLAGS.
   report = runner.run(config, _PHASE.value, _TEACHER.value, _VERIFIER.value, _ROOT.value,
                       _OUT.value, _DATASETS.value)
-  if report is not None:  # The cut prompts' qids are in teach_report.json; here, their count.
-    cuts = {phase: dict(c, qids=len(c["qids"])) for phase, c in report["prompt_cuts"].items()}
-    print(json.dumps(dict(report, prompt_cuts=cuts)))
+  if report is not None:
+    print(json.dumps(phases.report_summary(report)))
 
 
 if __name__ == "__main__":
